@@ -1,0 +1,496 @@
+"""Configuration: TOML -> frozen dataclasses, validated once, before any worker starts.
+
+Every problem is collected (not just the first) as (key, value, reason) and raised together in
+one `ConfigError`. Durations accept numbers of seconds or strings such as "250ms", "10s", "2m";
+sizes accept integers of bytes or strings such as "16KiB", "10MiB", "1MB". Environment
+overrides for containers are applied in `apply_env`, the only place that reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from proxy.errors import ConfigError
+
+T = TypeVar("T")
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: Address = Address("127.0.0.1", 8080)
+    workers: int = 2
+    admin_listen: Address = Address("127.0.0.1", 9901)
+    backlog: int = 2048
+    # Graceful shutdown / reload.
+    drain_timeout: float = 10.0
+    drain_idle_grace: float = 1.0  # during drain, a connection idle this long is closed
+    # Downstream limits.
+    max_header_bytes: int = 16 * KiB  # request line + headers -> 431
+    max_header_count: int = 100  # -> 431
+    max_body_bytes: int = 16 * MiB  # -> 413
+    header_timeout: float = 10.0  # first byte to end of head -> 408 (slowloris guard)
+    keepalive_timeout: float = 60.0  # idle keep-alive connection closed after this
+    body_timeout: float = 60.0  # request body: max gap between reads -> 408
+    send_timeout: float = 60.0  # response: client not reading for this long -> close
+    write_buffer_limit: int = 256 * KiB  # per-transport high-water mark (flow control)
+    max_pipelined: int = 32  # requests parsed ahead of the one in flight
+    # Headers.
+    request_id_header: str = "x-request-id"
+    via: str = ""  # e.g. "1.1 uvgate"; empty = no Via header
+    # Process management.
+    heartbeat_timeout: float = 30.0  # a worker silent this long is killed and replaced
+    restart_backoff_max: float = 10.0
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[Address, ...]
+    max_connections: int = 256  # per worker and server
+    max_pending: int = 1024  # requests waiting for a connection -> 503 beyond
+    pending_timeout: float = 5.0  # wait for a pooled connection -> 503
+    connect_timeout: float = 2.0  # -> 504
+    response_timeout: float = 30.0  # request sent -> response head; also max gap between body reads -> 504
+    idle_timeout: float = 30.0  # pooled idle connection expires after this
+    max_fails: int = 3  # consecutive connect failures before a server is skipped
+    fail_cooldown: float = 10.0  # how long a failed server is skipped
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    prefix: str
+    upstream: str
+    host: str | None = None
+    auth: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- parsing helpers
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "k": KiB, "kib": KiB, "kb": 1000, "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}  # fmt: skip
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "250ms", "10s", "2m"; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError('expected seconds or a string like "250ms", "10s", "2m"')
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string like "16KiB", "10MiB"; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = m.group(2).lower() if m.group(2) else None
+        size = int(m.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise ValueError('expected bytes or a string like "16KiB", "10MiB"')
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def parse_address(value: object, *, default_host: str = "0.0.0.0") -> Address:
+    """`host:port`, `[v6]:port` or `:port`; raises ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError('expected "host:port"')
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError('expected "[ipv6]:port"')
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError('expected "host:port"')
+        if ":" in host:
+            raise ValueError('IPv6 addresses need brackets: "[::1]:8080"')
+    host = host or default_host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    if not re.fullmatch(r"[A-Za-z0-9.\-_:%]+", host):
+        raise ValueError("invalid host")
+    return Address(host, int(port_text))
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected an integer")
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected an integer")
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _header_name(value: object) -> str:
+    text = _string(value).lower()
+    if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", text):
+        raise ValueError("not a valid header name")
+    return text
+
+
+def _header_value(value: object) -> str:
+    text = _string(value)
+    if any(ch in text for ch in "\r\n\x00"):
+        raise ValueError("must not contain CR, LF or NUL")
+    return text
+
+
+class _Reader:
+    """Collects problems while reading one table; `get` returns the default on error."""
+
+    def __init__(self, problems: list[tuple[str, object, str]], prefix: str, table: Mapping[str, Any]) -> None:
+        self.problems = problems
+        self.prefix = prefix
+        self.table = table
+        self.seen: set[str] = set()
+
+    def get(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problems.append((f"{self.prefix}{key}", value, str(exc)))
+            return default
+
+    def require(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        if key not in self.table:
+            self.seen.add(key)
+            self.problems.append((f"{self.prefix}{key}", None, "is required"))
+            return default
+        return self.get(key, parse, default)
+
+    def finish(self) -> None:
+        for key in self.table:
+            if key not in self.seen:
+                self.problems.append((f"{self.prefix}{key}", self.table[key], "unknown key"))
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+_SERVER_PARSERS: dict[str, Callable[[object], Any]] = {
+    "listen": parse_address,
+    "workers": _positive_int,
+    "admin_listen": lambda v: parse_address(v, default_host="127.0.0.1"),
+    "backlog": _positive_int,
+    "drain_timeout": parse_duration,
+    "drain_idle_grace": parse_duration,
+    "max_header_bytes": parse_size,
+    "max_header_count": _positive_int,
+    "max_body_bytes": parse_size,
+    "header_timeout": _positive_duration,
+    "keepalive_timeout": _positive_duration,
+    "body_timeout": _positive_duration,
+    "send_timeout": _positive_duration,
+    "write_buffer_limit": parse_size,
+    "max_pipelined": _positive_int,
+    "request_id_header": _header_name,
+    "via": _header_value,
+    "heartbeat_timeout": _positive_duration,
+    "restart_backoff_max": _positive_duration,
+    "access_log": _bool,
+}
+
+_UPSTREAM_PARSERS: dict[str, Callable[[object], Any]] = {
+    "max_connections": _positive_int,
+    "max_pending": _non_negative_int,
+    "pending_timeout": parse_duration,
+    "connect_timeout": _positive_duration,
+    "response_timeout": _positive_duration,
+    "idle_timeout": _positive_duration,
+    "max_fails": _positive_int,
+    "fail_cooldown": parse_duration,
+}
+
+
+def _read_section(
+    problems: list[tuple[str, object, str]],
+    prefix: str,
+    table: Mapping[str, Any],
+    parsers: Mapping[str, Callable[[object], Any]],
+    defaults: object,
+) -> dict[str, Any]:
+    reader = _Reader(problems, prefix, table)
+    values = {key: reader.get(key, parse, getattr(defaults, key)) for key, parse in parsers.items()}
+    reader.seen.update(parsers)
+    return values
+
+
+def _server(problems: list[tuple[str, object, str]], table: object) -> ServerConfig:
+    if not isinstance(table, Mapping):
+        problems.append(("server", table, "expected a table"))
+        return ServerConfig()
+    defaults = ServerConfig()
+    values = _read_section(problems, "server.", table, _SERVER_PARSERS, defaults)
+    for key in table:
+        if key not in _SERVER_PARSERS:
+            problems.append((f"server.{key}", table[key], "unknown key"))
+    server = ServerConfig(**values)
+    if server.max_header_bytes < 1024:
+        problems.append(("server.max_header_bytes", server.max_header_bytes, "must be at least 1KiB"))
+    if server.write_buffer_limit < 4 * KiB:
+        problems.append(("server.write_buffer_limit", server.write_buffer_limit, "must be at least 4KiB"))
+    if server.listen.port != 0 and server.listen == server.admin_listen:
+        problems.append(("server.admin_listen", str(server.admin_listen), "must differ from server.listen"))
+    return server
+
+
+def _servers(value: object) -> tuple[Address, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('expected a non-empty list of "host:port"')
+    out = []
+    for item in value:
+        address = parse_address(item)
+        if address.port == 0:
+            raise ValueError(f"{item!r}: port 0 is not a valid upstream port")
+        if address.host in ("0.0.0.0", "::"):
+            raise ValueError(f"{item!r}: an upstream needs a concrete host")
+        out.append(address)
+    return tuple(out)
+
+
+def _upstream(problems: list[tuple[str, object, str]], name: str, table: object) -> UpstreamConfig | None:
+    prefix = f"upstreams.{name}."
+    if not isinstance(table, Mapping):
+        problems.append((f"upstreams.{name}", table, "expected a table"))
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        problems.append((f"upstreams.{name}", name, "upstream names use letters, digits, '_', '.', '-'"))
+    reader = _Reader(problems, prefix, table)
+    no_servers: tuple[Address, ...] = ()
+    servers = reader.require("servers", _servers, no_servers)
+    defaults = UpstreamConfig(name=name, servers=())
+    values = _read_section(problems, prefix, table, _UPSTREAM_PARSERS, defaults)
+    reader.seen.update(_UPSTREAM_PARSERS)
+    reader.finish()
+    return UpstreamConfig(name=name, servers=servers, **values)
+
+
+_AUTH_MODES = ("none",)
+
+
+def _auth(value: object) -> str:
+    text = _string(value)
+    if text not in _AUTH_MODES:
+        raise ValueError(f"supported: {', '.join(_AUTH_MODES)}")
+    return text
+
+
+def _prefix(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError('must start with "/"')
+    if any(ch in text for ch in " \r\n\t\x00?#"):
+        raise ValueError("must not contain whitespace, '?' or '#'")
+    return text
+
+
+def _host(value: object) -> str:
+    text = _string(value).lower()
+    if not text or not re.fullmatch(r"[a-z0-9.\-*:\[\]]+", text):
+        raise ValueError("invalid host name")
+    return text
+
+
+def _route(
+    problems: list[tuple[str, object, str]], index: int, table: object, upstreams: Mapping[str, Any]
+) -> RouteConfig | None:
+    prefix = f"routes[{index}]."
+    if not isinstance(table, Mapping):
+        problems.append((f"routes[{index}]", table, "expected a table"))
+        return None
+    reader = _Reader(problems, prefix, table)
+    path = reader.require("prefix", _prefix, "/")
+    upstream = reader.require("upstream", _string, "")
+    host = reader.get("host", _host, None)
+    auth = reader.get("auth", _auth, "none")
+    reader.finish()
+    if upstream and upstream not in upstreams:
+        known = ", ".join(sorted(upstreams)) or "none defined"
+        problems.append((f"{prefix}upstream", upstream, f"no such upstream (known: {known})"))
+    return RouteConfig(prefix=path, upstream=upstream, host=host, auth=auth)
+
+
+def _redis(problems: list[tuple[str, object, str]], table: object) -> RedisConfig:
+    if not isinstance(table, Mapping):
+        problems.append(("redis", table, "expected a table"))
+        return RedisConfig()
+    reader = _Reader(problems, "redis.", table)
+    url = reader.get("url", _string, "")
+    reader.finish()
+    if url and not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+        problems.append(("redis.url", url, "expected a redis://, rediss://, unix:// or redis+sentinel:// URL"))
+    return RedisConfig(url=url)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    problems: list[tuple[str, object, str]] = []
+    for key in data:
+        if key not in ("server", "upstreams", "routes", "redis"):
+            problems.append((key, data[key], "unknown section"))
+    server = _server(problems, data.get("server", {}))
+    upstreams: dict[str, UpstreamConfig] = {}
+    raw_upstreams = data.get("upstreams", {})
+    if not isinstance(raw_upstreams, Mapping):
+        problems.append(("upstreams", raw_upstreams, "expected tables [upstreams.NAME]"))
+        raw_upstreams = {}
+    for name, table in raw_upstreams.items():
+        upstream = _upstream(problems, name, table)
+        if upstream is not None:
+            upstreams[name] = upstream
+    raw_routes = data.get("routes", [])
+    routes: list[RouteConfig] = []
+    if not isinstance(raw_routes, list):
+        problems.append(("routes", raw_routes, "expected an array of tables [[routes]]"))
+        raw_routes = []
+    if not raw_routes:
+        problems.append(("routes", raw_routes, "at least one [[routes]] entry is required"))
+    seen: dict[tuple[str | None, str], int] = {}
+    for index, table in enumerate(raw_routes):
+        route = _route(problems, index, table, raw_upstreams if isinstance(raw_upstreams, Mapping) else {})
+        if route is None:
+            continue
+        route_key = (route.host, route.prefix)
+        if route_key in seen:
+            problems.append((f"routes[{index}].prefix", route.prefix, f"duplicates routes[{seen[route_key]}]"))
+        seen[route_key] = index
+        routes.append(route)
+    redis = _redis(problems, data.get("redis", {}))
+    if problems:
+        raise ConfigError(problems)
+    return Config(server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, source=source)
+
+
+def load(path: str, env: Mapping[str, str] | None = None, workers: int | None = None) -> Config:
+    """Read, override from `env` and the CLI, validate. Raises ConfigError (also for I/O and TOML errors)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([(path, None, f"cannot read: {exc.strerror or exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(path, None, f"invalid TOML: {exc}")]) from exc
+    data = apply_env(data, os.environ if env is None else env)
+    if workers is not None:
+        data.setdefault("server", {})
+        if isinstance(data["server"], dict):
+            data["server"]["workers"] = workers
+    return build(data, source=os.path.abspath(path))
+
+
+ENV_OVERRIDES = {
+    "UVGATE_WORKERS": ("server", "workers", int),
+    "UVGATE_LISTEN": ("server", "listen", str),
+    "UVGATE_ADMIN_LISTEN": ("server", "admin_listen", str),
+    "UVGATE_REDIS_URL": ("redis", "url", str),
+}
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Apply the documented UVGATE_* overrides (the only environment reads of the project)."""
+    for var, (section, key, kind) in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        raw = env[var]
+        try:
+            table[key] = kind(raw)
+        except ValueError:
+            table[key] = raw  # validation reports it with the key name
+    return data
+
+
+def with_listen(config: Config, listen: Address) -> Config:
+    """A copy with another listen address (the supervisor resolves port 0 once)."""
+    return replace(config, server=replace(config.server, listen=listen))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

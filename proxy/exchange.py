@@ -1,0 +1,139 @@
+"""The protocol-neutral request in flight, shared by the downstream protocols and the upstream client.
+
+Theory of operation: a downstream protocol (HTTP/1.1 today, HTTP/2 later) parses a request head
+into an `Exchange` and hands it to the gateway. The gateway routes it and asks an upstream cluster
+for a connection; the upstream client then streams the request body out and the response back to
+`exchange.downstream`, which implements `Downstream`. `phase` and `deadline` say what the exchange
+is waiting for and until when; the downstream connection's periodic timeout check enforces it, so
+no timer object is created per request.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.errors import ProxyError
+    from proxy.upstream.client import UpstreamConnection
+
+
+class Phase(IntEnum):
+    """What the exchange is waiting for; the deadline means something different in each."""
+
+    ROUTING = 0  # in the gateway
+    WAIT_CONNECTION = 1  # queued for a pooled connection: pending_timeout -> 503
+    CONNECTING = 2  # a new upstream connection is being opened: connect_timeout -> 504
+    WAIT_RESPONSE = 3  # request sent, no complete response yet: response_timeout -> 504
+    DONE = 4  # response finished or failed; nothing pending upstream
+
+
+class BodyKind(IntEnum):
+    """How a message body is framed."""
+
+    NONE = 0
+    LENGTH = 1  # Content-Length
+    CHUNKED = 2  # Transfer-Encoding: chunked
+    UNTIL_CLOSE = 3  # response only: read until the connection closes
+
+
+class Downstream(Protocol):
+    """What the upstream client calls back on; implemented by each downstream protocol."""
+
+    def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
+        """The upstream response head (`head` excludes the final CRLF CRLF)."""
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the decoded response body."""
+
+    def response_end(self) -> None:
+        """The response body is complete."""
+
+    def response_flush(self) -> None:
+        """Write out what the calls above queued (once per upstream read)."""
+
+    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
+        """The upstream side failed; answer with `error` or abort if the response already started."""
+
+    def upstream_ready(self, exchange: Exchange) -> None:
+        """The request head is sent; body may flow now (send `100 Continue` if the client waits for it)."""
+
+    def pause_reading(self) -> None:
+        """Upstream cannot take more request body for now."""
+
+    def resume_reading(self) -> None:
+        """Upstream can take request body again."""
+
+    def exchange_upstream_done(self, exchange: Exchange) -> None:
+        """The upstream connection is released; the exchange is finished on the upstream side."""
+
+
+class Exchange:
+    """One request: its head, its body state, and where it is in the pipeline."""
+
+    __slots__ = (
+        "body_done",
+        "body_kind",
+        "content_length",
+        "deadline",
+        "downstream",
+        "expect_continue",
+        "forward_lines",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "pending_body",
+        "pending_bytes",
+        "phase",
+        "request_id",
+        "response_started",
+        "retried",
+        "target",
+        "upstream",
+        "waiter_cancelled",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        method: bytes,
+        target: bytes,
+        host: bytes,
+        headers: list[tuple[bytes, bytes]],
+        request_id: bytes,
+        forward_lines: bytes,
+        body_kind: BodyKind,
+        content_length: int,
+    ) -> None:
+        self.downstream = downstream
+        self.method = method
+        self.target = target
+        self.host = host
+        self.headers = headers  # end-to-end request headers to forward, original case
+        self.request_id = request_id
+        self.forward_lines = forward_lines  # pre-encoded header lines added by the proxy (X-Forwarded-*, ...)
+        self.body_kind = body_kind
+        self.content_length = content_length
+        self.body_done = body_kind is BodyKind.NONE
+        self.pending_body: list[bytes] = []  # body received before an upstream was attached
+        self.pending_bytes = 0
+        self.expect_continue = False
+        self.keep_alive = True  # the client allows reusing its connection after this exchange
+        self.phase = Phase.ROUTING
+        self.deadline = 0.0
+        self.upstream: UpstreamConnection | None = None
+        self.response_started = False
+        self.retried = False
+        self.waiter_cancelled = False
+
+    @property
+    def replayable(self) -> bool:
+        """Safe to send again on a fresh connection: idempotent and without a body."""
+        return self.method in _IDEMPOTENT and self.body_kind is BodyKind.NONE and not self.retried
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method.decode()} {self.target[:60]!r} {self.phase.name} id={self.request_id.decode()}>"
+
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

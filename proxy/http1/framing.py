@@ -1,0 +1,106 @@
+"""Pure HTTP/1.1 framing helpers: status lines, hop-by-hop rules, head rewriting, chunk encoding.
+
+Nothing here touches a transport; every function maps bytes to bytes and is unit-tested alone.
+The response head is never split into per-header Python objects on the hot path: one compiled
+regex removes the hop-by-hop lines (and a stale request-id line) from the upstream head in C.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+import orjson
+
+CRLF = b"\r\n"
+
+# Headers that describe one connection, never forwarded (RFC 9110 7.6.1 plus the de-facto ones).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+STATUS_LINES: dict[int, bytes] = {code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)}
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """Lower-cased tokens of a Connection header value."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _hop_regex(extra: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    names = sorted(HOP_BY_HOP | set(extra))
+    alternatives = b"|".join(re.escape(name) for name in names)
+    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
+
+
+_CONNECTION_VALUE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_DEFAULT_HOP = _hop_regex(())
+
+
+class ResponseHeadRewriter:
+    """Removes hop-by-hop lines and `drop` headers from an upstream response head, in one C pass."""
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, drop: tuple[bytes, ...] = ()) -> None:
+        self._pattern = _hop_regex(tuple(name.lower() for name in drop))
+
+    def clean(self, head: bytes) -> bytes:
+        """`head` is the status line and header lines without the final CRLF CRLF."""
+        nominated = _CONNECTION_VALUE.findall(head)
+        head = self._pattern.sub(b"", head)
+        if nominated:
+            extra = set()
+            for value in nominated:
+                extra |= connection_tokens(value)
+            extra -= {b"close", b"keep-alive"}
+            if extra:
+                head = _hop_regex(tuple(extra)).sub(b"", head)
+        if not head.startswith(b"HTTP/1.1 "):
+            head = b"HTTP/1.1 " + head.partition(b" ")[2]
+        return head
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def error_response(status: int, code: str, request_id: bytes, *, close: bool, extra: bytes = b"") -> bytes:
+    """A complete JSON error response: `{"error": code, "request_id": id}`."""
+    body = orjson.dumps({"error": code, "request_id": request_id.decode("latin-1")})
+    return b"".join(
+        (
+            STATUS_LINES[status],
+            b"\r\ncontent-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\nx-request-id: ",
+            request_id,
+            extra,
+            b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",
+            body,
+        )
+    )
+
+
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+def valid_request_id(value: bytes) -> bool:
+    """A client-supplied request id we are willing to forward and echo (visible ASCII, bounded)."""
+    return _REQUEST_ID.fullmatch(value) is not None
+

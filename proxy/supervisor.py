@@ -1,0 +1,483 @@
+"""Pre-fork supervisor: owns the listening sockets, forks, reaps, restarts, reloads and drains workers.
+
+Theory of operation: one SO_REUSEPORT listening socket per worker slot is bound here and never
+closed while the service runs, so connections queued on a slot wait for its next worker instead
+of being reset. Workers are forked (the supervisor runs no threads and no event loop, so fork is
+safe) and report through a pipe: `R` ready, `.` heartbeat, `E<reason>` boot failure.
+Signal handlers only enqueue; the main loop (a `selectors` loop that also serves the admin
+listener) dispatches `handle_<signal>`:
+- SIGCHLD: reap; a worker of the current generation that dies after being ready is replaced on
+  its slot with exponential backoff; one that dies before ever being ready stops the supervisor
+  (exit 3) with its reason, instead of a crash loop.
+- SIGHUP: re-read the config. Invalid: log and keep serving. Valid: fork a new generation on the
+  same slot sockets; when every new worker is ready, SIGTERM (drain) the old ones. If a new worker
+  fails to boot, the new generation is killed and the old one keeps serving.
+- SIGTERM/SIGINT: SIGTERM every worker (they drain), wait up to drain_timeout + grace, SIGKILL
+  what is left, exit 0.
+A worker silent for `heartbeat_timeout` is killed and replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy import config as config_mod
+from proxy import worker
+from proxy.admin import AdminServer, json_response
+from proxy.config import Address, Config
+from proxy.errors import ConfigError
+
+log = logging.getLogger("uvgate.supervisor")
+
+EXIT_OK = 0
+EXIT_BOOT_FAILURE = 3
+EXIT_BIND_FAILURE = 4
+BOOT_TIMEOUT = 30.0
+KILL_GRACE = 5.0
+STABLE_AFTER = 10.0  # a worker alive this long resets its slot's backoff
+
+
+@dataclass(eq=False)
+class Worker:
+    pid: int
+    slot: int
+    generation: int
+    pipe: int  # read end of the status pipe
+    started: float
+    ready: bool = False
+    stopping: bool = False
+    last_beat: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class Slot:
+    index: int
+    sock: socket.socket
+    crashes: int = 0
+    respawn_at: float = 0.0
+    pending_respawn: bool = False
+
+
+@dataclass
+class Reload:
+    generation: int
+    config: Config
+    workers: list[Worker] = field(default_factory=list)
+    started: float = 0.0
+
+
+def bind_listener(address: Address, backlog: int) -> socket.socket:
+    """A SO_REUSEPORT listening socket (one per worker slot, all on the same address)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def sd_notify(notify_socket: str | None, message: str) -> None:
+    """Tell systemd (Type=notify) about state changes; a no-op outside systemd."""
+    if not notify_socket:
+        return
+    address = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+class Supervisor:
+    """The master process."""
+
+    def __init__(
+        self, config: Config, config_path: str, *, workers_override: int | None = None, notify_socket: str | None = None
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.workers_override = workers_override
+        self.notify_socket = notify_socket
+        self.generation = 1
+        self.slots: list[Slot] = []
+        self.workers: dict[int, Worker] = {}
+        self.reload: Reload | None = None
+        self.signals: deque[int] = deque()
+        self.selector = selectors.DefaultSelector()
+        self.admin: AdminServer | None = None
+        self.draining = False
+        self.exit_code: int | None = None
+        self.ready_once = False
+        self.listen = config.server.listen
+        self._wake_r = -1
+        self._wake_w = -1
+
+    # ------------------------------------------------------------------ setup
+
+    def bind(self) -> None:
+        server = self.config.server
+        first = bind_listener(server.listen, server.backlog)
+        self.listen = Address(server.listen.host, first.getsockname()[1])
+        self.slots = [Slot(0, first)]
+        for index in range(1, server.workers):
+            self.slots.append(Slot(index, bind_listener(self.listen, server.backlog)))
+        admin_sock = bind_listener(server.admin_listen, 64)
+        self.admin = AdminServer(admin_sock, self.selector, self._admin)
+        self.admin_address = Address(server.admin_listen.host, admin_sock.getsockname()[1])
+        self.config = config_mod.with_listen(self.config, self.listen)
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """Signal handler: no work, no logging; just queue the signal."""
+        self.signals.append(signum)
+
+    def _drain_wakeup(self, fd: int) -> None:
+        try:
+            while os.read(fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # ------------------------------------------------------------------ workers
+
+    def spawn(self, slot: Slot, config: Config, generation: int) -> Worker:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = EXIT_BOOT_FAILURE
+            try:
+                os.close(read_fd)
+                self._child_cleanup(slot)
+                code = worker.run(config, slot.sock, slot.index, write_fd)
+            except BaseException as exc:  # never return into the supervisor's stack
+                try:
+                    os.write(write_fd, b"E" + f"{type(exc).__name__}: {exc}".encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        now = time.monotonic()
+        worker_ = Worker(pid=pid, slot=slot.index, generation=generation, pipe=read_fd, started=now, last_beat=now)
+        self.workers[pid] = worker_
+        self.selector.register(read_fd, selectors.EVENT_READ, lambda fd, w=worker_: self._read_status(w))
+        log.info("worker %d (slot %d, generation %d) started", pid, slot.index, generation)
+        return worker_
+
+    def _child_cleanup(self, slot: Slot) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for other in self.slots:
+            if other is not slot:
+                other.sock.close()
+        if self.admin is not None:
+            for conn in list(self.admin.conns):
+                conn.close()
+            self.admin.sock.close()
+        for w in self.workers.values():
+            try:
+                os.close(w.pipe)
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.selector.close()
+
+    def _read_status(self, worker_: Worker) -> None:
+        try:
+            data = os.read(worker_.pipe, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_pipe(worker_)
+            return
+        now = time.monotonic()
+        worker_.last_beat = now
+        if b"E" in data:
+            worker_.error = data[data.index(b"E") + 1 :].decode("utf-8", "replace").strip()
+        if b"R" in data and not worker_.ready:
+            worker_.ready = True
+            log.info("worker %d (slot %d) ready", worker_.pid, worker_.slot)
+            self._on_ready(worker_)
+
+    def _close_pipe(self, worker_: Worker) -> None:
+        if worker_.pipe >= 0:
+            try:
+                self.selector.unregister(worker_.pipe)
+            except (KeyError, ValueError):
+                pass
+            os.close(worker_.pipe)
+            worker_.pipe = -1
+
+    def _on_ready(self, worker_: Worker) -> None:
+        reload = self.reload
+        if reload is not None and worker_.generation == reload.generation:
+            if all(w.ready for w in reload.workers):
+                self._commit_reload(reload)
+            return
+        if not self.ready_once and self._all_ready():
+            self.ready_once = True
+            log.info("uvgate ready: listening on http://%s, admin on http://%s", self.listen, self.admin_address)
+            sd_notify(self.notify_socket, "READY=1\nSTATUS=serving")
+
+    def _all_ready(self) -> bool:
+        ready_slots = {w.slot for w in self.workers.values() if w.generation == self.generation and w.ready}
+        return len(ready_slots) == len(self.slots)
+
+    def stop_worker(self, worker_: Worker, sig: int = signal.SIGTERM) -> None:
+        worker_.stopping = True
+        try:
+            os.kill(worker_.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker_ = self.workers.pop(pid, None)
+            if worker_ is None:
+                continue  # not ours (we may be PID 1): reaped quietly
+            if worker_.pipe >= 0:
+                self._read_status(worker_)  # collect a last `E<reason>` before the pipe closes
+            self._close_pipe(worker_)
+            self._worker_exited(worker_, status)
+
+    def _worker_exited(self, worker_: Worker, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            how = f"killed by {signal.Signals(sig).name}" + (" (out of memory?)" if sig == signal.SIGKILL else "")
+        else:
+            how = f"exit code {os.WEXITSTATUS(status)}"
+        if worker_.stopping:
+            log.info("worker %d (slot %d) stopped: %s", worker_.pid, worker_.slot, how)
+            return
+        reason = f": {worker_.error}" if worker_.error else ""
+        reload = self.reload
+        if reload is not None and worker_.generation == reload.generation:
+            log.error("reload aborted: new worker %d failed to boot (%s)%s", worker_.pid, how, reason)
+            self._abort_reload(reload)
+            return
+        if self.draining:
+            return
+        if not worker_.ready:
+            log.error("worker %d (slot %d) failed to boot (%s)%s; stopping", worker_.pid, worker_.slot, how, reason)
+            self.exit_code = EXIT_BOOT_FAILURE
+            self.begin_shutdown()
+            return
+        slot = self.slots[worker_.slot]
+        now = time.monotonic()
+        if now - worker_.started > STABLE_AFTER:
+            slot.crashes = 0
+        delay = 0.0 if slot.crashes == 0 else min(self.config.server.restart_backoff_max, 0.1 * 2 ** (slot.crashes - 1))
+        slot.crashes += 1
+        log.error("worker %d (slot %d) died (%s)%s; restarting in %.1fs", worker_.pid, worker_.slot, how, reason, delay)
+        slot.pending_respawn = True
+        slot.respawn_at = now + delay
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pending_respawn and now >= slot.respawn_at and not self.draining:
+                slot.pending_respawn = False
+                self.spawn(slot, self.config, self.generation)
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        limit = self.config.server.heartbeat_timeout
+        for w in list(self.workers.values()):
+            if w.stopping:
+                continue
+            if not w.ready and now - w.started > BOOT_TIMEOUT:
+                w.error = w.error or f"not ready after {BOOT_TIMEOUT:.0f}s"
+                os.kill(w.pid, signal.SIGKILL)
+            elif w.ready and now - w.last_beat > limit:
+                log.error("worker %d (slot %d) silent for %.0fs; killing it", w.pid, w.slot, now - w.last_beat)
+                os.kill(w.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ signals
+
+    def handle_sigchld(self) -> None:
+        self.reap()
+
+    def handle_sigterm(self) -> None:
+        log.info("SIGTERM: draining")
+        self.begin_shutdown()
+
+    def handle_sigint(self) -> None:
+        log.info("SIGINT: draining")
+        self.begin_shutdown()
+
+    def handle_sighup(self) -> None:
+        if self.draining:
+            return
+        if self.reload is not None:
+            log.warning("SIGHUP ignored: a reload is already in progress")
+            return
+        try:
+            new = config_mod.load(self.config_path, workers=self.workers_override)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration:\n%s", exc)
+            return
+        if new.server.listen not in (self.listen, self.config.server.listen) and new.server.listen.port != 0:
+            log.warning("reload: server.listen changes need a restart; keeping %s", self.listen)
+        if new.server.admin_listen != self.config.server.admin_listen:
+            log.warning("reload: server.admin_listen changes need a restart; keeping %s", self.admin_address)
+        new = config_mod.with_listen(new, self.listen)
+        sd_notify(self.notify_socket, "RELOADING=1")
+        self._resize_slots(new.server.workers)
+        reload = Reload(generation=self.generation + 1, config=new, started=time.monotonic())
+        self.reload = reload
+        log.info("SIGHUP: starting generation %d", reload.generation)
+        for slot in self.slots:
+            reload.workers.append(self.spawn(slot, new, reload.generation))
+
+    def _resize_slots(self, count: int) -> None:
+        while len(self.slots) < count:
+            self.slots.append(Slot(len(self.slots), bind_listener(self.listen, self.config.server.backlog)))
+
+    def _commit_reload(self, reload: Reload) -> None:
+        old = [w for w in self.workers.values() if w.generation != reload.generation and not w.stopping]
+        self.config = reload.config
+        self.generation = reload.generation
+        self.reload = None
+        for w in old:
+            self.stop_worker(w)
+        for slot in self.slots:
+            slot.pending_respawn = False
+        surplus = self.slots[self.config.server.workers :]
+        if surplus:
+            # Fewer workers than before: their sockets' queues would be dropped on close, so they are
+            # closed only now, after the new generation serves every remaining slot.
+            del self.slots[self.config.server.workers :]
+            for slot in surplus:
+                slot.sock.close()
+        log.info("generation %d serving; draining %d old workers", self.generation, len(old))
+        sd_notify(self.notify_socket, "READY=1\nSTATUS=serving")
+
+    def _abort_reload(self, reload: Reload) -> None:
+        self.reload = None
+        for w in reload.workers:
+            if w.pid in self.workers:
+                self.stop_worker(w, signal.SIGKILL)
+        del self.slots[self.config.server.workers :]
+        sd_notify(self.notify_socket, "READY=1\nSTATUS=serving (reload failed)")
+
+    # ------------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.shutdown_deadline = time.monotonic() + self.config.server.drain_timeout + KILL_GRACE
+        sd_notify(self.notify_socket, "STOPPING=1")
+        for w in list(self.workers.values()):
+            self.stop_worker(w)
+
+    # ------------------------------------------------------------------ admin
+
+    def _admin(self, method: str, path: str) -> tuple[int, bytes, bytes]:
+        if method not in ("GET", "HEAD"):
+            return json_response(405, {"error": "method not allowed"})
+        if path == "/healthz":
+            return json_response(200, {"status": "alive"})
+        if path == "/readyz":
+            ready = not self.draining and self._all_ready()
+            workers = sum(1 for w in self.workers.values() if w.ready and not w.stopping)
+            body = {"ready": ready, "draining": self.draining, "workers": workers, "generation": self.generation}
+            return json_response(200 if ready else 503, body)
+        return json_response(404, {"error": "not found"})
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Bind, start workers, serve until stopped; returns the exit code."""
+        try:
+            self.bind()
+        except OSError as exc:
+            log.error("cannot listen: %s", exc)
+            return EXIT_BIND_FAILURE
+        self._install_signals()
+        for slot in self.slots:
+            self.spawn(slot, self.config, self.generation)
+        try:
+            while True:
+                self._loop_once()
+                if self.draining and not self.workers:
+                    break
+                if self.draining and time.monotonic() > self.shutdown_deadline:
+                    for w in list(self.workers.values()):
+                        log.warning("worker %d did not stop in time; killing it", w.pid)
+                        self.stop_worker(w, signal.SIGKILL)
+                    self.shutdown_deadline = float("inf")
+        finally:
+            self._close()
+        code = self.exit_code if self.exit_code is not None else EXIT_OK
+        log.info("supervisor exiting with code %d", code)
+        return code
+
+    def _loop_once(self) -> None:
+        try:
+            events = self.selector.select(timeout=0.2)
+        except InterruptedError:
+            events = []
+        for key, _ in events:
+            callback = key.data
+            callback(key.fileobj)
+        while self.signals:
+            sig = self.signals.popleft()
+            getattr(self, f"handle_{signal.Signals(sig).name.lower()}")()
+        self.reap()
+        self._respawn_due()
+        self._check_heartbeats()
+        if self.admin is not None:
+            self.admin.expire()
+
+    def _close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+        for slot in self.slots:
+            slot.sock.close()
+        for w in self.workers.values():
+            self._close_pipe(w)
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise

@@ -1,0 +1,368 @@
+"""Upstream HTTP/1.1 client connection: sends one exchange at a time, streams the response back.
+
+Theory of operation: the pool attaches an exchange; `attach` writes the request head and any body
+already buffered in one write, then `send_body`/`end_body` stream the rest. The response is
+framed by httptools' C parser, registered without `on_header`, so no per-header Python object
+is made: at `on_headers_complete` the raw head is sliced out of the bytes received and handed to
+the downstream, which rewrites it in one regex pass. Body pieces go straight to the downstream,
+which queues them; one flush per upstream read makes one downstream write. When the response is
+complete the connection returns to its pool (if both sides allow keep-alive and the request body
+was fully sent) before the downstream is told, so a pipelined next request can reuse it at once.
+Flow control: downstream pause_writing -> `pause_response` (stop reading upstream); upstream
+pause_writing -> the downstream stops reading the request body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.errors import BadGateway, ProxyError
+from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.http1.framing import LAST_CHUNK, chunk
+
+if TYPE_CHECKING:
+    from proxy.server import WorkerState
+    from proxy.upstream.pool import Cluster, Connector, ServerPool
+
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_NO_BODY_STATUS = frozenset({204, 304})
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_NEVER = float("inf")
+
+
+def response_body_kind(head: bytes, status: int, method: bytes) -> BodyKind:
+    """How the body of a response with this head is framed (RFC 9112 section 6.3)."""
+    if method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+        return BodyKind.NONE
+    kind = BodyKind.UNTIL_CLOSE
+    for name, value in _FRAMING.findall(head):
+        if len(name) == 17:  # transfer-encoding: the parser already rejected it alongside content-length
+            last = value.rsplit(b",", 1)[-1].strip().lower()
+            return BodyKind.CHUNKED if last == b"chunked" else BodyKind.UNTIL_CLOSE
+        kind = BodyKind.LENGTH
+    return kind
+
+
+def request_head(exchange: Exchange) -> list[bytes]:
+    """The upstream request head as pieces to join; hop-by-hop headers were dropped when parsing."""
+    parts = [exchange.method, b" ", exchange.target, b" HTTP/1.1\r\nhost: ", exchange.host, b"\r\n"]
+    append = parts.append
+    for name, value in exchange.headers:
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    append(exchange.forward_lines)
+    kind = exchange.body_kind
+    if kind is BodyKind.LENGTH:
+        append(b"content-length: %d\r\n\r\n" % exchange.content_length)
+    elif kind is BodyKind.CHUNKED:
+        append(b"transfer-encoding: chunked\r\n\r\n")
+    elif exchange.method in _BODY_METHODS:
+        append(b"content-length: 0\r\n\r\n")
+    else:
+        append(b"\r\n")
+    return parts
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to one upstream server."""
+
+    __slots__ = (
+        "body_kind",
+        "closed",
+        "cluster",
+        "complete",
+        "connect_task",
+        "exchange",
+        "got_bytes",
+        "head_buf",
+        "head_done",
+        "head_start",
+        "idle_since",
+        "keep_alive",
+        "parser",
+        "pending",
+        "requests",
+        "reset_parser",
+        "server",
+        "state",
+        "timeout",
+        "transport",
+    )
+
+    def __init__(self, cluster: Cluster, server: ServerPool, state: WorkerState) -> None:
+        # Global state
+        self.cluster = cluster
+        self.server = server
+        self.state = state
+        self.timeout = cluster.config.response_timeout
+        # Per-connection state
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.connect_task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]] | None = None
+        self.pending: Exchange | None = None  # waiting for the connect to finish
+        self.closed = False
+        self.idle_since = 0.0
+        self.requests = 0
+        # Per-exchange state
+        self.exchange: Exchange | None = None
+        self.head_buf = b""
+        self.head_start = 0
+        self.head_done = False
+        self.complete = False
+        self.got_bytes = False
+        self.keep_alive = True
+        self.reset_parser = False
+        self.body_kind = BodyKind.NONE
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.closed and self.exchange is None
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Connected; the connect task's done-callback attaches the pending exchange."""
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.state.config.server.write_buffer_limit)
+
+    def connect_done(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
+        """Done-callback of the connect task: attach the pending exchange or report the failure."""
+        self.connect_task = None
+        exchange, self.pending = self.pending, None
+        now = self.state.now
+        if task.cancelled() or task.exception() is not None:
+            if exchange is not None:
+                exchange.upstream = None
+            self.closed = True
+            self.cluster.connect_failed(self.server, exchange, now, timeout=task.cancelled())
+            return
+        self.cluster.connected(self.server)
+        if self.closed:  # lost right after connecting: connection_lost left the bookkeeping to us
+            self.cluster.discard(self.server, self, now)
+            if exchange is not None and exchange.phase is Phase.CONNECTING:
+                exchange.upstream = None
+                exchange.downstream.response_failed(exchange, BadGateway("upstream_closed"))
+            return
+        if exchange is not None and exchange.phase is Phase.CONNECTING:
+            self.attach(exchange)
+        else:
+            self.cluster.release(self.server, self, now)
+
+    def cancel_connect(self) -> None:
+        """The exchange waiting for this connect gave up (timeout or client gone)."""
+        if self.pending is not None:
+            self.pending.upstream = None
+            self.pending = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:  # bytes on an idle connection: the server broke framing
+            self.close()
+            return
+        self.got_bytes = True
+        if exchange.deadline != _NEVER:
+            exchange.deadline = self.state.now + self.timeout
+        if not self.head_done:
+            self.head_buf = self.head_buf + data if self.head_buf else data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            error = exc.__context__
+            self._fail(error if isinstance(error, ProxyError) else BadGateway("invalid_upstream_response"))
+            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._fail(BadGateway("invalid_upstream_response"))
+            return
+        exchange.downstream.response_flush()
+        if self.complete:
+            self._finish(exchange)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Closed by either side; finishes an until-close body, retries or fails the exchange."""
+        self.closed = True
+        now = self.state.now
+        exchange = self.exchange
+        self.exchange = None
+        if self.pending is not None:  # lost before the connect task finished: connect_done handles it
+            return
+        self.cluster.discard(self.server, self, now)
+        if exchange is None:
+            return
+        exchange.upstream = None
+        downstream = exchange.downstream
+        if self.head_done and self.body_kind is BodyKind.UNTIL_CLOSE:
+            downstream.response_end()
+            downstream.response_flush()
+            exchange.phase = Phase.DONE
+            downstream.exchange_upstream_done(exchange)
+        elif not self.got_bytes and self.requests > 1 and exchange.replayable:
+            self.cluster.dispatch_fresh(exchange, now)
+        else:
+            downstream.response_failed(exchange, BadGateway("upstream_closed"))
+
+    def pause_writing(self) -> None:
+        """Upstream socket buffer full: stop reading the request body downstream."""
+        if self.exchange is not None:
+            self.exchange.downstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        """Upstream socket buffer drained: read the request body again."""
+        if self.exchange is not None:
+            self.exchange.downstream.resume_reading()
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        status = self.parser.get_status_code()
+        buf = self.head_buf
+        end = buf.find(b"\r\n\r\n", self.head_start)
+        if status < 200:
+            if status == 101:
+                raise BadGateway("unexpected_upgrade")
+            self.head_start = end + 4  # informational response: dropped (Expect is never forwarded)
+            return
+        head = buf[self.head_start : end] if self.head_start else buf[:end]
+        self.head_buf = b""
+        self.head_done = True
+        kind = response_body_kind(head, status, exchange.method)
+        self.body_kind = kind
+        exchange.downstream.response_head(exchange, status, head, kind)
+        if kind is BodyKind.NONE and exchange.method == b"HEAD":
+            # llhttp cannot be told that a HEAD response has no body: finish here, new parser later.
+            self.keep_alive = self.parser.should_keep_alive()
+            self.reset_parser = True
+            self.complete = True
+            exchange.downstream.response_end()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.complete:
+            self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if not self.head_done or self.complete:
+            return  # end of an informational response, or a HEAD response finished early
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self.exchange.downstream.response_end()  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ requests
+
+    def attach(self, exchange: Exchange) -> None:
+        """Send `exchange` on this (idle, connected) connection."""
+        assert self.transport is not None
+        self.exchange = exchange
+        self.requests += 1
+        self.head_buf = b""
+        self.head_start = 0
+        self.head_done = self.complete = self.got_bytes = False
+        exchange.upstream = self
+        exchange.phase = Phase.WAIT_RESPONSE
+        exchange.deadline = self.state.now + self.timeout
+        parts = request_head(exchange)
+        if exchange.pending_body:
+            chunked = exchange.body_kind is BodyKind.CHUNKED
+            for piece in exchange.pending_body:
+                parts.append(chunk(piece) if chunked else piece)
+            exchange.pending_body.clear()
+            exchange.pending_bytes = 0
+        if exchange.body_done and exchange.body_kind is BodyKind.CHUNKED:
+            parts.append(LAST_CHUNK)
+        self.transport.write(b"".join(parts))
+        exchange.downstream.upstream_ready(exchange)
+
+    def send_body(self, data: bytes) -> None:
+        """A piece of request body (decoded); re-chunked when the request is chunked."""
+        exchange = self.exchange
+        if exchange is None or self.transport is None:
+            return
+        exchange.deadline = self.state.now + self.timeout
+        self.transport.write(chunk(data) if exchange.body_kind is BodyKind.CHUNKED else data)
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+        exchange = self.exchange
+        if exchange is not None and self.transport is not None and exchange.body_kind is BodyKind.CHUNKED:
+            self.transport.write(LAST_CHUNK)
+
+    def pause_response(self) -> None:
+        """The downstream cannot take more response: stop reading upstream (and stop the response clock)."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        if self.exchange is not None:
+            self.exchange.deadline = _NEVER
+
+    def resume_response(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        if self.exchange is not None:
+            self.exchange.deadline = self.state.now + self.timeout
+
+    def abort_exchange(self) -> None:
+        """The downstream gave up on the exchange (timeout, client gone): drop the connection."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.upstream = None
+            exchange.phase = Phase.DONE
+            self.exchange = None
+        self.close(abort=True)
+
+    def close(self, abort: bool = False) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _finish(self, exchange: Exchange) -> None:
+        self.exchange = None
+        exchange.upstream = None
+        exchange.phase = Phase.DONE
+        if self.reset_parser:
+            self.parser = httptools.HttpResponseParser(self)
+            self.reset_parser = False
+        if self.keep_alive and exchange.body_done and not self.closed:
+            self.cluster.release(self.server, self, self.state.now)
+        else:
+            self.close()
+        exchange.downstream.exchange_upstream_done(exchange)
+
+    def _fail(self, error: ProxyError) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.close(abort=True)
+        if exchange is not None:
+            exchange.upstream = None
+            exchange.downstream.response_failed(exchange, error)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("busy" if self.exchange else "idle")
+        return f"<UpstreamConnection {self.server.address} {state} requests={self.requests}>"
+
+
+def make_connector(state: WorkerState) -> Connector:
+    """The pool's connector: opens a connection for `exchange` in a task; `connect_done` finishes it."""
+    loop = state.loop
+
+    def connect(server: ServerPool, exchange: Exchange) -> None:
+        conn = UpstreamConnection(server.cluster, server, state)
+        conn.pending = exchange
+        exchange.upstream = conn
+        address = server.address
+        task = loop.create_task(loop.create_connection(lambda: conn, address.host, address.port))
+        conn.connect_task = task
+        task.add_done_callback(conn.connect_done)
+
+    return connect
