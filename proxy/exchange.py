@@ -41,7 +41,10 @@ class Downstream(Protocol):
     """What the upstream client calls back on; implemented by each downstream protocol."""
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
-        """The upstream response head (`head` excludes the final CRLF CRLF)."""
+        """The upstream response head, hop-by-hop lines removed (`head` excludes the final CRLF CRLF)."""
+
+    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes) -> None:
+        """A whole Content-Length response at once (the common small response): head, body, end, flush."""
 
     def response_body(self, data: bytes) -> None:
         """A piece of the decoded response body."""
@@ -72,6 +75,7 @@ class Exchange:
     """One request: its head, its body state, and where it is in the pipeline."""
 
     __slots__ = (
+        "attempts",
         "body_done",
         "body_kind",
         "content_length",
@@ -91,7 +95,6 @@ class Exchange:
         "retried",
         "target",
         "upstream",
-        "waiter_cancelled",
     )
 
     def __init__(
@@ -125,7 +128,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.response_started = False
         self.retried = False
-        self.waiter_cancelled = False
+        self.attempts = 0  # upstream connect attempts
 
     @property
     def replayable(self) -> bool:

@@ -33,7 +33,6 @@ from proxy.errors import (
 from proxy.exchange import BodyKind, Exchange, Phase
 from proxy.http1.framing import (
     LAST_CHUNK,
-    ResponseHeadRewriter,
     chunk,
     connection_tokens,
     error_response,
@@ -88,7 +87,6 @@ class Http1Settings:
         "max_header_count",
         "max_pipelined",
         "request_id_line",
-        "rewriter",
         "send_timeout",
         "special",
         "static_lines",
@@ -115,7 +113,6 @@ class Http1Settings:
         self.request_id_line = b"%s: " % rid
         self.via_line = b"\r\nvia: %s" % s.via.encode() if s.via else b""
         self.static_lines = b"x-forwarded-proto: http\r\n" + (b"via: %s\r\n" % s.via.encode() if s.via else b"")
-        self.rewriter = ResponseHeadRewriter(drop=(rid,))
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -338,7 +335,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.h_te is not None:
             if not http11:
                 raise BadRequest("transfer_encoding_in_http10")
-            if self.h_te.strip().lower() != b"chunked":
+            codings = self.h_te.lower()
+            if codings.rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise BadRequest("invalid_transfer_encoding")  # the body length cannot be known
+            if codings.strip() != b"chunked":
                 raise NotImplementedByProxy("unsupported_transfer_encoding")
             kind = BodyKind.CHUNKED
         elif self.h_length is not None:
@@ -432,6 +432,14 @@ class HttpProtocol(asyncio.Protocol):
         self._resume(_PAUSE_UPSTREAM)
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
+        self.out.append(self._head(exchange, head, body))
+
+    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(b"".join((self._head(exchange, head, BodyKind.LENGTH), body)))
+
+    def _head(self, exchange: Exchange, head: bytes, body: BodyKind) -> bytes:
+        """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
         exchange.response_started = True
         keep = exchange.keep_alive and not self.state.draining and not self.closing
         chunked = False
@@ -443,18 +451,16 @@ class HttpProtocol(asyncio.Protocol):
         self.resp_chunked = chunked
         self.resp_keep_alive = keep
         settings = self.settings
-        self.out.append(
-            b"".join(
-                (
-                    settings.rewriter.clean(head),
-                    b"\r\n",
-                    settings.request_id_line,
-                    exchange.request_id,
-                    settings.via_line,
-                    _CHUNKED_LINE if chunked else b"",
-                    _CLOSE_LINE if not keep else (b"" if self.http11 else _KEEP_ALIVE_LINE),
-                    b"\r\n\r\n",
-                )
+        return b"".join(
+            (
+                head,
+                b"\r\n",
+                settings.request_id_line,
+                exchange.request_id,
+                settings.via_line,
+                _CHUNKED_LINE if chunked else b"",
+                _CLOSE_LINE if not keep else (b"" if self.http11 else _KEEP_ALIVE_LINE),
+                b"\r\n\r\n",
             )
         )
 

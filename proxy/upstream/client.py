@@ -22,7 +22,7 @@ import httptools
 
 from proxy.errors import BadGateway, ProxyError
 from proxy.exchange import BodyKind, Exchange, Phase
-from proxy.http1.framing import LAST_CHUNK, chunk
+from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk, clean_head_bytes
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
@@ -89,14 +89,18 @@ class UpstreamConnection(asyncio.Protocol):
         "pending",
         "requests",
         "reset_parser",
+        "rewriter",
         "server",
         "state",
         "timeout",
         "transport",
     )
 
-    def __init__(self, cluster: Cluster, server: ServerPool, state: WorkerState) -> None:
+    def __init__(
+        self, cluster: Cluster, server: ServerPool, state: WorkerState, rewriter: ResponseHeadRewriter
+    ) -> None:
         # Global state
+        self.rewriter = rewriter
         self.cluster = cluster
         self.server = server
         self.state = state
@@ -171,6 +175,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.deadline != _NEVER:
             exchange.deadline = self.state.now + self.timeout
         if not self.head_done:
+            if not self.head_buf and self._whole_response(exchange, data):
+                return
             self.head_buf = self.head_buf + data if self.head_buf else data
         try:
             self.parser.feed_data(data)
@@ -236,7 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = True
         kind = response_body_kind(head, status, exchange.method)
         self.body_kind = kind
-        exchange.downstream.response_head(exchange, status, head, kind)
+        exchange.downstream.response_head(exchange, status, self.rewriter.clean(head), kind)
         if kind is BodyKind.NONE and exchange.method == b"HEAD":
             # llhttp cannot be told that a HEAD response has no body: finish here, new parser later.
             self.keep_alive = self.parser.should_keep_alive()
@@ -254,6 +260,37 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
         self.exchange.downstream.response_end()  # type: ignore[union-attr]
+
+    def _whole_response(self, exchange: Exchange, data: bytes) -> bool:
+        """Fast path: `data` is exactly one complete HTTP/1.1 Content-Length response with a clean head.
+
+        One regex scan replaces the parser and its callbacks; anything unusual (other framing,
+        hop-by-hop lines to strip, `Connection: close`, informational or bodiless statuses, HEAD,
+        a partial or longer read) returns False and goes through httptools instead.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or not data.startswith(b"HTTP/1.1 ") or exchange.method == b"HEAD":
+            return False
+        head = data[:end]
+        found = self.rewriter.scan.findall(head)
+        if len(found) != 1 or len(found[0][0]) != 14:  # exactly one line of interest: content-length
+            return False
+        length_text = found[0][1].rstrip()
+        status_text = data[9:12]
+        if not length_text.isdigit() or not status_text.isdigit() or data[12:13] not in (b" ", b"\r"):
+            return False
+        status = int(status_text)
+        if status < 200 or status == 204 or status == 304:
+            return False
+        start = end + 4
+        if len(data) - start != int(length_text) or not clean_head_bytes(head):
+            return False
+        self.head_done = self.complete = True
+        self.keep_alive = True
+        self.body_kind = BodyKind.LENGTH
+        exchange.downstream.response_complete(exchange, status, head, data[start:])
+        self._finish(exchange)
+        return True
 
     # ------------------------------------------------------------------ requests
 
@@ -278,7 +315,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.body_done and exchange.body_kind is BodyKind.CHUNKED:
             parts.append(LAST_CHUNK)
         self.transport.write(b"".join(parts))
-        exchange.downstream.upstream_ready(exchange)
+        if not exchange.body_done:
+            exchange.downstream.upstream_ready(exchange)
 
     def send_body(self, data: bytes) -> None:
         """A piece of request body (decoded); re-chunked when the request is chunked."""
@@ -355,9 +393,10 @@ class UpstreamConnection(asyncio.Protocol):
 def make_connector(state: WorkerState) -> Connector:
     """The pool's connector: opens a connection for `exchange` in a task; `connect_done` finishes it."""
     loop = state.loop
+    rewriter = ResponseHeadRewriter(drop=(state.config.server.request_id_header.encode(),))
 
     def connect(server: ServerPool, exchange: Exchange) -> None:
-        conn = UpstreamConnection(server.cluster, server, state)
+        conn = UpstreamConnection(server.cluster, server, state, rewriter)
         conn.pending = exchange
         exchange.upstream = conn
         address = server.address

@@ -91,6 +91,24 @@ class Cluster:
         """Give `exchange` a connection now, open one, queue it, or fail it with 503."""
         servers = self.servers
         count = len(servers)
+        if count == 1:  # the common case: no rotation
+            server = servers[0]
+            if server.ejected_until <= now:
+                idle = server.idle
+                if idle:
+                    conn = idle.pop()
+                    if conn.usable and now - conn.idle_since < self.config.idle_timeout:
+                        conn.attach(exchange)
+                        return
+                    conn.close()
+                    conn = server.checkout(now)
+                    if conn is not None:
+                        conn.attach(exchange)
+                        return
+                if server.open < self.config.max_connections:
+                    self._connect(server, exchange, now)
+                    return
+            count = 0  # fall through to queueing / failing below
         for _ in range(count):
             server = servers[self._rr % count]
             self._rr += 1
@@ -132,6 +150,7 @@ class Cluster:
 
     def _connect(self, server: ServerPool, exchange: Exchange, now: float) -> None:
         server.open += 1
+        exchange.attempts += 1
         exchange.phase = Phase.CONNECTING
         exchange.deadline = now + self.config.connect_timeout
         self.connector(server, exchange)
@@ -177,6 +196,9 @@ class Cluster:
         self._serve_waiter(now)
 
     def _retry_connect(self, failed: ServerPool, exchange: Exchange, now: float) -> None:
+        if exchange.attempts >= len(self.servers):
+            exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
+            return
         for server in self._rotation(now):
             if server is not failed and server.open < self.config.max_connections:
                 conn = server.checkout(now)

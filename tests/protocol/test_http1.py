@@ -1,0 +1,366 @@
+"""HTTP/1.1 downstream protocol fed bytes through a mock transport; the gateway is a recorder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.config import build
+from proxy.errors import ProxyError, ServiceUnavailable
+from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.server import WorkerState
+from proxy.upstream.client import request_head
+
+
+class MockTransport:
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.read_paused = False
+        self.closing = False
+        self.aborted = False
+        self.eof_written = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
+        self.buffer += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for data in chunks:
+            self.write(data)
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+        self.closing = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("10.1.2.3", 5555) if name == "peername" else default
+
+    def take(self) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+
+class MockLoop:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class RecordingGateway:
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    def handle(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+
+CONFIG = {
+    "server": {"max_header_count": 20, "max_header_bytes": 2048, "max_body_bytes": 1000, "via": "1.1 uvgate"},
+    "upstreams": {"b": {"servers": ["127.0.0.1:1"]}},
+    "routes": [{"prefix": "/", "upstream": "b"}],
+}
+
+
+def connect(**server: object) -> tuple[HttpProtocol, MockTransport, RecordingGateway, WorkerState]:
+    data = orjson.loads(orjson.dumps(CONFIG))
+    data["server"].update(server)
+    state = WorkerState(MockLoop(), build(data))  # type: ignore[arg-type]
+    gateway = RecordingGateway()
+    state.gateway = gateway
+    protocol = HttpProtocol(state, Http1Settings(state))
+    transport = MockTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport, gateway, state
+
+
+def respond(protocol: HttpProtocol, exchange: Exchange, body: bytes = b"ok", head: bytes | None = None) -> None:
+    """Play the upstream side of one response."""
+    head = head or b"HTTP/1.1 200 OK\r\ncontent-length: %d" % len(body)
+    protocol.response_head(exchange, 200, head, BodyKind.LENGTH)
+    protocol.response_body(body)
+    protocol.response_end()
+    protocol.response_flush()
+    exchange.phase = Phase.DONE
+    protocol.exchange_upstream_done(exchange)
+
+
+def parse_status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def test_forwarded_head_sets_proxy_headers_and_drops_hop_by_hop() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(
+        b"GET /api/x?q=1 HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
+        b"Keep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: Basic x\r\n"
+        b"X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n"
+    )
+    (exchange,) = gateway.exchanges
+    head = b"".join(request_head(exchange))
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"GET /api/x?q=1 HTTP/1.1"
+    names = [line.split(b":")[0].lower() for line in lines[1:] if line]
+    for banned in (b"connection", b"x-secret", b"keep-alive", b"te", b"upgrade", b"proxy-authorization"):
+        assert banned not in names
+    assert b"x-forwarded-for: 1.1.1.1, 10.1.2.3" in lines
+    assert b"x-forwarded-proto: http" in lines and names.count(b"x-forwarded-proto") == 1
+    assert b"x-forwarded-host: example.com" in lines and names.count(b"x-forwarded-host") == 1
+    assert b"via: 1.1 uvgate" in lines
+    assert b"Accept: */*" in lines
+    assert head.endswith(b"\r\n\r\n")
+    rid = [line for line in lines if line.startswith(b"x-request-id: ")]
+    assert len(rid) == 1 and rid[0] == b"x-request-id: " + exchange.request_id
+    respond(protocol, exchange)
+    out = transport.take()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: keep-alive" not in out.lower()
+    assert b"\r\nx-request-id: " + exchange.request_id in out
+    assert out.endswith(b"\r\n\r\nok")
+
+
+def test_client_request_id_is_kept() -> None:
+    protocol, _, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nX-Request-Id: abc-123\r\n\r\n")
+    assert gateway.exchanges[0].request_id == b"abc-123"
+    protocol2, _, gateway2, _ = connect()
+    protocol2.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nX-Request-Id: has space\r\n\r\n")
+    assert gateway2.exchanges[0].request_id != b"has space"
+
+
+SMUGGLING = {
+    "cl_and_te": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te_and_cl": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    "two_lengths": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "same_length_twice": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    "length_list": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello",
+    "length_not_a_number": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5x\r\n\r\nhello",
+    "length_negative": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+    "te_not_chunked": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    "te_chunked_not_final": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te_twice": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te_space_before_colon": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "te_in_http10": b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "bad_chunk_size": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "chunk_size_overflow": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+    "chunk_missing_crlf": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloX0\r\n\r\n",
+    "bare_lf_in_header": b"GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n",
+    "bare_cr_in_header": b"GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n",
+    "nul_in_header": b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n",
+    "obs_fold": b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n",
+    "missing_host": b"GET / HTTP/1.1\r\n\r\n",
+    "two_hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "bad_target": b"GET nope HTTP/1.1\r\nHost: h\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_framing_errors_answer_400_and_close(name: str) -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(SMUGGLING[name])
+    out = transport.take()
+    assert parse_status(out) == 400, out
+    assert b"\r\nconnection: close\r\n" in out
+    assert transport.closing
+    # An exchange whose body turned out malformed was given up (its upstream, if any, aborted).
+    assert all(ex.phase is Phase.DONE for ex in gateway.exchanges)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(21)) + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 2100 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 431),
+        (b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx", 417),
+        (b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    ],
+)
+def test_limits_and_unsupported(raw: bytes, status: int) -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(raw)
+    out = transport.take()
+    assert parse_status(out) == status, out
+    assert transport.closing
+    assert not gateway.exchanges
+
+
+def test_head_bytes_limit_counts_partial_heads() -> None:
+    protocol, transport, _, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: ")
+    for _ in range(5):
+        if transport.closing:
+            break
+        protocol.data_received(b"v" * 1000)
+    assert parse_status(transport.take()) == 431
+
+
+def test_chunked_body_over_limit_is_413() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert len(gateway.exchanges) == 1
+    protocol.data_received(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+    assert not transport.buffer
+    protocol.data_received(b"1\r\nx\r\n")
+    assert parse_status(transport.take()) == 413
+    assert transport.closing
+
+
+def test_pipelined_requests_are_dispatched_in_order() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(3)))
+    assert [ex.target for ex in gateway.exchanges] == [b"/0"]
+    assert transport.read_paused
+    respond(protocol, gateway.exchanges[0], b"zero")
+    assert [ex.target for ex in gateway.exchanges] == [b"/0", b"/1"]
+    respond(protocol, gateway.exchanges[1], b"one")
+    respond(protocol, gateway.exchanges[2], b"two")
+    out = transport.take()
+    assert [part.rpartition(b"\r\n\r\n")[2] for part in out.split(b"HTTP/1.1 200 OK")[1:]] == [b"zero", b"one", b"two"]
+    assert not transport.read_paused and not transport.closing
+
+
+def test_connection_close_and_http10() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    respond(protocol, gateway.exchanges[0])
+    assert b"\r\nconnection: close\r\n" in transport.take()
+    assert transport.closing
+
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    respond(protocol, gateway.exchanges[0])
+    assert b"\r\nconnection: keep-alive\r\n" in transport.take()
+    assert not transport.closing
+
+
+def test_chunked_upstream_to_http10_client_is_close_delimited() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK", BodyKind.CHUNKED)
+    protocol.response_body(b"abc")
+    protocol.response_end()
+    protocol.response_flush()
+    protocol.exchange_upstream_done(exchange)
+    out = transport.take()
+    assert out.endswith(b"\r\n\r\nabc")
+    assert b"transfer-encoding" not in out.lower()
+    assert transport.closing
+
+
+def test_chunked_response_rechunked_for_http11() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\nX-A: b", BodyKind.CHUNKED)
+    protocol.response_body(b"hello")
+    protocol.response_end()
+    protocol.response_flush()
+    out = transport.take()
+    assert out.lower().count(b"transfer-encoding: chunked") == 1
+    assert out.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_expect_100_continue_sent_when_upstream_ready() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    assert not transport.buffer
+    protocol.upstream_ready(exchange)
+    assert transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert b"expect" not in b"".join(request_head(exchange)).lower()
+
+
+def test_body_before_upstream_is_buffered_with_backpressure() -> None:
+    protocol, transport, gateway, _ = connect(max_body_bytes="1MiB", write_buffer_limit="4KiB")
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10000\r\n\r\n" + b"a" * 5000)
+    exchange = gateway.exchanges[0]
+    assert exchange.pending_bytes == 5000 and transport.read_paused
+    protocol.upstream_ready(exchange)
+    assert not transport.read_paused
+
+
+def test_gateway_failure_answers_json_and_keeps_alive() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    protocol.response_failed(exchange, ServiceUnavailable("no_healthy_upstream"))
+    out = transport.take()
+    assert parse_status(out) == 503
+    body = orjson.loads(out.partition(b"\r\n\r\n")[2])
+    assert body == {"error": "no_healthy_upstream", "request_id": exchange.request_id.decode()}
+    assert not transport.closing
+
+
+def test_failure_after_response_started_aborts() -> None:
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\ncontent-length: 10", BodyKind.LENGTH)
+    protocol.response_flush()
+    protocol.response_failed(exchange, ProxyError("boom"))
+    assert transport.aborted
+
+
+def test_timeouts() -> None:
+    protocol, transport, _, state = connect(header_timeout="5s", keepalive_timeout="30s")
+    protocol.data_received(b"GET / HTTP/1.1\r\nHo")
+    protocol.check(state.now + 4)
+    assert not transport.buffer
+    protocol.check(state.now + 6)
+    assert parse_status(transport.take()) == 408
+
+    protocol, transport, gateway, state = connect(keepalive_timeout="30s")
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    respond(protocol, gateway.exchanges[0])
+    protocol.check(state.now + 29)
+    assert not transport.closing
+    protocol.check(state.now + 31)
+    assert transport.closing
+
+    protocol, transport, gateway, state = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    exchange = gateway.exchanges[0]
+    exchange.phase, exchange.deadline = Phase.WAIT_CONNECTION, state.now + 1
+    protocol.check(state.now + 2)
+    assert parse_status(transport.take()) == 503
+    assert exchange.phase is Phase.DONE
+
+
+def test_idle_connection_closed_quickly_while_draining() -> None:
+    protocol, transport, gateway, state = connect(drain_idle_grace="1s")
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    state.draining = True
+    respond(protocol, gateway.exchanges[0])
+    assert b"\r\nconnection: close\r\n" in transport.take()
+    assert transport.closing

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Address, build, load, parse_address, parse_duration, parse_size
+from proxy.errors import ConfigError
+
+MINIMAL = {
+    "server": {"listen": "127.0.0.1:8080"},
+    "upstreams": {"backend": {"servers": ["127.0.0.1:8000"]}},
+    "routes": [{"prefix": "/api/", "upstream": "backend"}],
+}
+
+
+def problems_of(data: dict[str, object]) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        build(data)
+    return {key: reason for key, _, reason in info.value.problems}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(5, 5.0), (0.25, 0.25), ("250ms", 0.25), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["10 parsecs", "-1s", -1, True, "", None, [1]])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [(1024, 1024), ("16KiB", 16384), ("10MiB", 10 * 1024 * 1024), ("1MB", 1_000_000), ("8k", 8192)]
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5", -5, False, 1.5])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:8080", Address("127.0.0.1", 8080)),
+        (":9000", Address("0.0.0.0", 9000)),
+        ("[::1]:443", Address("::1", 443)),
+        ("localhost:0", Address("localhost", 0)),
+    ],
+)
+def test_addresses(text: str, address: Address) -> None:
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("bad", ["8080", "host:", "host:99999", "::1:80", "a b:80", 8080])
+def test_bad_addresses(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_address(bad)
+
+
+def test_minimal_config_gets_defaults() -> None:
+    config = build(MINIMAL)
+    assert config.server.listen == Address("127.0.0.1", 8080)
+    assert config.server.admin_listen == Address("127.0.0.1", 9901)  # loopback by default
+    assert config.server.max_header_bytes == 16384
+    assert config.upstreams["backend"].servers == (Address("127.0.0.1", 8000),)
+    assert config.routes[0].auth == "none"
+
+
+def test_every_problem_is_reported_with_its_key() -> None:
+    data = {
+        "server": {"listen": "nowhere", "workers": 0, "drain_timeout": "soon", "colour": "blue"},
+        "upstreams": {"backend": {"servers": [], "max_connections": -1}},
+        "routes": [
+            {"prefix": "api", "upstream": "missing"},
+            {"prefix": "/x", "upstream": "backend", "auth": "magic"},
+        ],
+        "extra": {},
+    }
+    found = problems_of(data)
+    assert "server.listen" in found
+    assert found["server.workers"] == "must be at least 1"
+    assert "server.drain_timeout" in found
+    assert found["server.colour"] == "unknown key"
+    assert "upstreams.backend.servers" in found
+    assert "upstreams.backend.max_connections" in found
+    assert found["routes[0].prefix"] == 'must start with "/"'
+    assert found["routes[0].upstream"].startswith("no such upstream")
+    assert "routes[1].auth" in found
+    assert found["extra"] == "unknown section"
+
+
+def test_routes_are_required_and_unique() -> None:
+    assert "routes" in problems_of({**MINIMAL, "routes": []})
+    duplicate = [{"prefix": "/a", "upstream": "backend"}, {"prefix": "/a", "upstream": "backend"}]
+    assert "routes[1].prefix" in problems_of({**MINIMAL, "routes": duplicate})
+
+
+def test_env_overrides_apply_in_one_place(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nlisten = "127.0.0.1:1"\n[upstreams.b]\nservers = ["127.0.0.1:2"]\n'
+        '[[routes]]\nprefix = "/"\nupstream = "b"\n'
+    )
+    config = load(str(path), env={"UVGATE_WORKERS": "3", "UVGATE_LISTEN": "127.0.0.1:7000"})
+    assert config.server.workers == 3
+    assert config.server.listen.port == 7000
+    with pytest.raises(ConfigError) as info:
+        load(str(path), env={"UVGATE_WORKERS": "many"})
+    assert info.value.problems[0][0] == "server.workers"
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load(str(bad))
+
+
+def test_check_cli_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[server]\nlisten = "127.0.0.1:1"\n[upstreams.b]\nservers = ["127.0.0.1:2"]\n'
+        '[[routes]]\nprefix = "/"\nupstream = "b"\n'
+    )
+    ok = subprocess.run([sys.executable, "-m", "proxy", "--config", str(good), "--check"], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nworkers = "two"\nmax_body_bytes = "huge"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(bad), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "server.workers" in result.stderr
+    assert "server.max_body_bytes" in result.stderr
+    assert "routes" in result.stderr

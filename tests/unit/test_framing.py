@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.exchange import BodyKind
+from proxy.http1.framing import (
+    ResponseHeadRewriter,
+    chunk,
+    connection_tokens,
+    error_response,
+    valid_request_id,
+)
+from proxy.routing import Router, host_without_port
+from proxy.upstream.client import response_body_kind
+
+
+def test_rewriter_strips_hop_by_hop_and_nominated_headers() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nX-Request-Id: stale\r\n"
+        b"Transfer-Encoding: chunked\r\nX-End: yes"
+    )
+    cleaned = ResponseHeadRewriter(drop=(b"x-request-id",)).clean(head)
+    assert cleaned == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-End: yes"
+
+
+def test_rewriter_keeps_lookalike_names_and_normalises_version() -> None:
+    head = b"HTTP/1.0 404 Not Found\r\nX-Connection: 1\r\nConnectionx: 2\r\nTEA: 3"
+    assert (
+        ResponseHeadRewriter().clean(head) == b"HTTP/1.1 404 Not Found\r\nX-Connection: 1\r\nConnectionx: 2\r\nTEA: 3"
+    )
+
+
+def test_connection_tokens() -> None:
+    assert connection_tokens(b" Keep-Alive , X-Foo,,close") == {b"keep-alive", b"x-foo", b"close"}
+
+
+def test_chunk_encoding() -> None:
+    assert chunk(b"hello") == b"5\r\nhello\r\n"
+    assert chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
+
+
+def test_error_response_is_complete_json() -> None:
+    raw = error_response(503, "no_healthy_upstream", b"rid-1", close=True)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nconnection: close" in head
+    assert b"content-length: %d" % len(body) in head
+    assert orjson.loads(body) == {"error": "no_healthy_upstream", "request_id": "rid-1"}
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [(b"abc-123", True), (b"", False), (b"a b", False), (b"x" * 129, False), (b"\xff", False)]
+)
+def test_request_id_validation(value: bytes, ok: bool) -> None:
+    assert valid_request_id(value) is ok
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "method", "kind"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"GET", BodyKind.LENGTH),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked", 200, b"GET", BodyKind.CHUNKED),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked", 200, b"GET", BodyKind.CHUNKED),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", 200, b"GET", BodyKind.UNTIL_CLOSE),
+        (b"HTTP/1.1 200 OK\r\nServer: x", 200, b"GET", BodyKind.UNTIL_CLOSE),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"HEAD", BodyKind.NONE),
+        (b"HTTP/1.1 204 No Content", 204, b"GET", BodyKind.NONE),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5", 304, b"GET", BodyKind.NONE),
+    ],
+)
+def test_response_body_kind(head: bytes, status: int, method: bytes, kind: BodyKind) -> None:
+    assert response_body_kind(head, status, method) is kind
+
+
+def test_router_longest_prefix_and_hosts() -> None:
+    router: Router[str] = Router(
+        [(None, "/", "root"), (None, "/api/", "api"), (None, "/api/v2/", "v2"), ("Example.com", "/api/", "host-api")]
+    )
+    assert router.match(b"other", b"/api/v2/x?y=1") == "v2"
+    assert router.match(b"other", b"/api/v1") == "api"
+    assert router.match(b"other", b"/apix") == "root"
+    assert router.match(b"EXAMPLE.com:8080", b"/api/v1") == "host-api"
+    assert router.match(b"example.com", b"/api/v2/x") == "v2"  # longer hostless prefix still wins
+    assert router.match(b"example.com", b"/other") == "root"
+    assert Router([(None, "/api/", "api")]).match(b"h", b"/nope") is None
+
+
+def test_host_without_port() -> None:
+    assert host_without_port(b"Example.COM:80") == b"example.com"
+    assert host_without_port(b"[::1]:8080") == b"[::1]"
+    assert host_without_port(b"h") == b"h"
