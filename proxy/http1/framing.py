@@ -30,7 +30,9 @@ HOP_BY_HOP = frozenset(
 )
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
-STATUS_LINES: dict[int, bytes] = {code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)}
+STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)
+}
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
@@ -123,4 +125,3 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 def valid_request_id(value: bytes) -> bool:
     """A client-supplied request id we are willing to forward and echo (visible ASCII, bounded)."""
     return _REQUEST_ID.fullmatch(value) is not None
-

@@ -482,7 +482,7 @@ class HttpProtocol(asyncio.Protocol):
             self._finish_response(exchange, self.resp_keep_alive)
 
     def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        if exchange is not self.active or exchange.phase is Phase.DONE and exchange.response_started:
+        if exchange is not self.active or (exchange.phase is Phase.DONE and exchange.response_started):
             return
         self._abandon_upstream(exchange)
         exchange.phase = Phase.DONE

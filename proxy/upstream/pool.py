@@ -96,11 +96,11 @@ class Cluster:
             if server.ejected_until <= now:
                 idle = server.idle
                 if idle:
-                    conn = idle.pop()
-                    if conn.usable and now - conn.idle_since < self.config.idle_timeout:
-                        conn.attach(exchange)
+                    top = idle.pop()
+                    if top.usable and now - top.idle_since < self.config.idle_timeout:
+                        top.attach(exchange)
                         return
-                    conn.close()
+                    top.close()
                     conn = server.checkout(now)
                     if conn is not None:
                         conn.attach(exchange)

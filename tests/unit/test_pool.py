@@ -68,7 +68,7 @@ def test_connects_then_reuses_lifo() -> None:
 
 
 def test_idle_connections_expire_at_checkout_and_in_sweep() -> None:
-    cluster, connects = make(idle_timeout=10.0)
+    cluster, _connects = make(idle_timeout=10.0)
     server = cluster.servers[0]
     old, fresh = FakeConn("old"), FakeConn("fresh")
     server.open = 2
@@ -87,7 +87,7 @@ def test_idle_connections_expire_at_checkout_and_in_sweep() -> None:
 
 
 def test_limit_queues_waiters_fifo_and_release_hands_over() -> None:
-    cluster, connects = make(max_connections=1, max_pending=2, pending_timeout=5.0)
+    cluster, _connects = make(max_connections=1, max_pending=2, pending_timeout=5.0)
     down = FakeDownstream()
     first, second, third, fourth = (exchange(down) for _ in range(4))
     cluster.dispatch(first, now=0.0)

@@ -1,0 +1,1 @@
+"""Benchmarks for uvgate (`python -m bench`, `make bench`); not installed with the package."""

@@ -1,0 +1,139 @@
+"""Running wrk and parsing the JSON line printed by `bench/wrk/report.lua`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REPORT_LUA", "WrkResult", "duration_seconds", "find_wrk", "parse_wrk_output", "run_wrk", "wrk_version"]
+
+REPORT_LUA = Path(__file__).resolve().parent / "wrk" / "report.lua"
+_MARKER = "WRK_JSON "
+_DURATION = re.compile(r"^(\d+)(s|m|h)?$")
+ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    """One wrk run; latencies in microseconds."""
+
+    requests: int
+    duration_s: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    p999_us: float
+    mean_us: float
+    max_us: float
+    errors: dict[str, int]
+
+    @property
+    def rps(self) -> float:
+        """Requests per second over the measured duration."""
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def total_errors(self) -> int:
+        """connect + read + write + status (non-2xx/3xx) + timeout errors."""
+        return sum(self.errors.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "requests": self.requests,
+            "duration_s": self.duration_s,
+            "rps": self.rps,
+            "latency_us": {
+                "p50": self.p50_us,
+                "p90": self.p90_us,
+                "p99": self.p99_us,
+                "p999": self.p999_us,
+                "mean": self.mean_us,
+                "max": self.max_us,
+            },
+            "errors": dict(self.errors),
+        }
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds in a wrk duration such as "10s", "2m", "1h" or "30"; raises ValueError."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"expected a duration like 10s, 2m or 1h, got {text!r}")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def parse_wrk_output(text: str) -> WrkResult:
+    """The result from wrk's stdout; ValueError if the report line is missing or malformed."""
+    for line in text.splitlines():
+        if line.startswith(_MARKER):
+            data = json.loads(line[len(_MARKER) :])
+            latency = data["latency_us"]
+            return WrkResult(
+                requests=int(data["requests"]),
+                duration_s=int(data["duration_us"]) / 1e6,
+                p50_us=float(latency["p50"]),
+                p90_us=float(latency["p90"]),
+                p99_us=float(latency["p99"]),
+                p999_us=float(latency["p999"]),
+                mean_us=float(latency["mean"]),
+                max_us=float(latency["max"]),
+                errors={kind: int(data["errors"][kind]) for kind in ERROR_KINDS},
+            )
+    raise ValueError(f"no {_MARKER.strip()} line in wrk output:\n{text}")
+
+
+def find_wrk() -> str | None:
+    """Path of wrk on PATH (or $WRK), else None."""
+    return os.environ.get("WRK") or shutil.which("wrk")
+
+
+def wrk_version(wrk: str) -> str:
+    """First line of `wrk -v` (which exits non-zero by design)."""
+    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    lines = (done.stdout + done.stderr).splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def _affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+    cpu_set = set(cpus)
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpu_set)
+
+    return pin
+
+
+def run_wrk(
+    wrk: str,
+    url: str,
+    *,
+    duration: str,
+    connections: int,
+    threads: int = 1,
+    cpus: Sequence[int] | None = None,
+    timeout: str = "2s",
+) -> WrkResult:
+    """Run wrk once (pinned to `cpus`) with the JSON reporter; RuntimeError if wrk fails."""
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}", f"--timeout={timeout}"]
+    argv += ["-s", str(REPORT_LUA), url]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=duration_seconds(duration) + 60,
+        check=False,
+        preexec_fn=_affinity(cpus),
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return parse_wrk_output(done.stdout)

@@ -1,0 +1,139 @@
+"""`python -m devstack run`: the whole stack on free ports until Ctrl-C / SIGTERM (`make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from devstack.net import StackError, external_redis_url, http_post_json
+from devstack.stack import PROJECT_ROOT, Stack
+
+
+class _Stop(BaseException):
+    """Raised from the SIGINT/SIGTERM handler to unwind out of startup or the wait loop."""
+
+
+def fetch_token(auth_url: str, *, api_key: str = "demo", ttl: int = 3600) -> str:
+    """A fresh access token from auth_stub's `POST /token`."""
+    status, answer = http_post_json(auth_url + "/token", {"api_key": api_key, "ttl": ttl})
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+        raise StackError(f"POST {auth_url}/token answered {status}: {answer!r}")
+    token: str = answer["access_token"]
+    return token
+
+
+def _summary(stack: Stack, token: str | None, token_error: str | None) -> str:
+    lines = [f"uvgate dev stack is up; logs and generated config in {stack.run_dir}"]
+    urls = stack.urls()
+    labels = {"admin": "admin    (/healthz /readyz)"}
+    lines += [f"  {labels.get(name, name):<27} {url}" for name, url in urls.items()]
+    if stack.proxies:
+        lines.append(f"  {'config':<27} {stack.config_path}")
+    pids = " ".join(f"{p.name}={p.pid}" for p in stack.processes())
+    lines.append(f"  {'pids':<27} {pids}")
+    if stack.proxies:
+        target = f"{stack.proxy.url}/api/resource"
+        lines.append("")
+        if token is not None:
+            lines.append("Try:")
+            lines.append(f'  curl -H "Authorization: Bearer {token}" {target}')
+        else:
+            lines.append(f"(no token: {token_error})")
+            lines.append(f"  curl {target}")
+    lines.append("")
+    lines.append("Ctrl-C (or SIGTERM) stops everything; SIGHUP reloads the proxy.")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start everything asked for, print how to use it, wait for a signal, stop everything."""
+    stack = Stack(run_dir=args.run_dir)
+    atexit.register(stack.stop)
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        for proxy in stack.proxies:
+            proxy.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    failed = True
+    try:
+        if not args.no_redis:
+            stack.start_redis(url=external_redis_url())
+        stack.start_backend(workers=args.backend_workers)
+        if not args.no_auth:
+            stack.start_auth()
+        stack.start_proxy(args.config, workers=args.workers)
+        token: str | None = None
+        token_error: str | None = None
+        if stack.auth is not None:
+            try:
+                token = fetch_token(stack.auth.url)
+            except (OSError, ValueError, StackError) as exc:
+                token_error = str(exc)
+        else:
+            token_error = "auth_stub not started"
+        print(_summary(stack, token, token_error), flush=True)
+        while True:
+            dead = stack.exited()
+            if dead:
+                for process in dead:
+                    print(
+                        f"{process.name} (pid {process.pid}) exited with status {process.exit_status()}; "
+                        f"last log lines:\n{process.log_tail()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return 1
+            time.sleep(0.5)
+    except _Stop:
+        print("stopping...", file=sys.stderr, flush=True)
+        failed = False
+        return 0
+    except StackError as exc:
+        print(f"devstack: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        stack.close(remove_run_dir=not failed)
+        if failed:
+            print(f"devstack: logs kept in {stack.run_dir}", file=sys.stderr, flush=True)
+        atexit.unregister(stack.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m devstack` command line."""
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="start Redis, the stubs and the proxy; stop them on Ctrl-C")
+    run_p.add_argument("--config", type=Path, default=PROJECT_ROOT / "configs" / "dev.toml", help="template TOML")
+    run_p.add_argument("--workers", type=int, default=None, help="proxy workers (default: from the config)")
+    run_p.add_argument("--backend-workers", type=int, default=1, help="backend_stub workers (default 1)")
+    run_p.add_argument("--no-redis", action="store_true", help="do not start a Redis-protocol server")
+    run_p.add_argument("--no-auth", action="store_true", help="do not start auth_stub")
+    run_p.add_argument("--run-dir", type=Path, default=None, help="logs and configs (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

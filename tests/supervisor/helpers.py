@@ -1,0 +1,167 @@
+"""Shared helpers for the supervisor tests: configs, log parsing, admin and backend probes, bounded waits.
+
+Everything that waits takes a timeout and fails with an AssertionError naming what it waited for
+(and the proxy log tail when a proxy is involved); nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from devstack import ProxyService, Service, http_get, http_request, raw_request
+from devstack.tomlwriter import dump
+
+T = TypeVar("T")
+
+# A gateway in front of backend_stub (devstack rewrites the listeners and the upstream's servers).
+BASE_CONFIG: dict[str, Any] = {
+    "server": {
+        "workers": 2,
+        "drain_timeout": "10s",
+        "drain_idle_grace": "1s",
+        "via": "1.1 gen1",
+    },
+    "upstreams": {"backend": {"servers": ["127.0.0.1:9"], "connect_timeout": "2s", "response_timeout": "10s"}},
+    "routes": [{"prefix": "/", "upstream": "backend"}],
+}
+
+_STARTED = re.compile(r"worker (\d+) \(slot (\d+), generation (\d+)\) started")
+
+
+def config(**server: Any) -> dict[str, Any]:
+    """BASE_CONFIG with `server` keys replaced."""
+    data = copy.deepcopy(BASE_CONFIG)
+    data["server"].update(server)
+    return data
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, service: ProxyService | None = None) -> T:
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            tail = f"\n--- proxy log tail ---\n{service.process.log_tail(60)}" if service is not None else ""
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{tail}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def log_matches(service: ProxyService, pattern: str) -> list[re.Match[str]]:
+    return list(re.finditer(pattern, service.read_log()))
+
+
+def wait_for_log(service: ProxyService, pattern: str, timeout: float = 10.0, count: int = 1) -> list[re.Match[str]]:
+    """Wait until `pattern` occurs at least `count` times in the proxy log; returns all matches."""
+
+    def found() -> list[re.Match[str]] | None:
+        matches = log_matches(service, pattern)
+        return matches if len(matches) >= count else None
+
+    return wait_until(found, timeout, f"{count} x {pattern!r} in the log", service)
+
+
+@dataclass(frozen=True)
+class WorkerStart:
+    pid: int
+    slot: int
+    generation: int
+
+
+def worker_starts(service: ProxyService) -> list[WorkerStart]:
+    """Every 'worker N (slot S, generation G) started' line of the supervisor log, in order."""
+    return [WorkerStart(int(m[1]), int(m[2]), int(m[3])) for m in _STARTED.finditer(service.read_log())]
+
+
+def slot_workers(service: ProxyService) -> dict[int, int]:
+    """slot -> pid of the newest worker started on that slot."""
+    return {start.slot: start.pid for start in worker_starts(service)}
+
+
+def children(service: ProxyService) -> set[int]:
+    return set(service.children())
+
+
+def admin(service: ProxyService, path: str) -> tuple[int, dict[str, Any]]:
+    """GET an admin endpoint: (status, decoded JSON)."""
+    status, body = http_get(service.admin_url + path, timeout=2.0)
+    return status, json.loads(body)
+
+
+def readyz(service: ProxyService) -> int:
+    """The /readyz status, or 0 if the admin listener does not answer."""
+    try:
+        return admin(service, "/readyz")[0]
+    except OSError:
+        return 0
+
+
+def wait_ready(service: ProxyService, timeout: float = 10.0) -> None:
+    wait_until(lambda: readyz(service) == 200, timeout, "/readyz 200", service)
+
+
+def get(service: ProxyService, target: str = "/api/resource", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One request through the proxy on a fresh connection: (status, lower-cased headers, body)."""
+    response = raw_request(service.host, service.port, "GET", target, timeout=timeout)
+    return response.status, {k.lower(): v for k, v in response.headers}, response.body
+
+
+def echoed_via(service: ProxyService) -> str | None:
+    """The `via` request header the backend saw for a request through the proxy."""
+    status, _, body = get(service, "/echo")
+    assert status == 200, (status, body)
+    headers: dict[str, str] = json.loads(body)["headers"]
+    return headers.get("via")
+
+
+def write_config(service: ProxyService, data: dict[str, Any] | str) -> None:
+    """Rewrite the proxy's config file in place (same path), keeping devstack's listeners and upstreams."""
+    if isinstance(data, str):
+        service.config_path.write_text(data, encoding="utf-8")
+        return
+    rendered = copy.deepcopy(data)
+    rendered["server"]["listen"] = service.config["server"]["listen"]
+    rendered["server"]["admin_listen"] = service.config["server"]["admin_listen"]
+    rendered["server"]["workers"] = service.config["server"]["workers"]
+    for name, upstream in rendered["upstreams"].items():
+        upstream["servers"] = service.config["upstreams"][name]["servers"]
+    dump(rendered, service.config_path)
+
+
+def backend_requests(backend: Service) -> int:
+    """How many requests backend_stub has received (its /stats counts itself too)."""
+    status, _, body = http_request("GET", backend.url + "/stats", timeout=2.0)
+    assert status == 200, (status, body)
+    count: int = json.loads(body)["requests"]
+    return count
+
+
+def wait_backend_received(backend: Service, before: int, timeout: float = 5.0) -> None:
+    """Wait until backend_stub received a request other than our own /stats polls since `before`.
+
+    `before` is a `backend_requests()` value; each poll adds one /stats request of its own.
+    """
+    polls = 0
+
+    def arrived() -> bool:
+        nonlocal polls
+        polls += 1
+        return backend_requests(backend) - before - polls >= 1
+
+    wait_until(arrived, timeout, "the request to reach backend_stub")
+
+
+def api_body(backend: Service) -> bytes:
+    """backend_stub's fixed /api/resource body (what the proxy must return verbatim)."""
+    status, _, body = http_request("GET", backend.url + "/api/resource", timeout=2.0)
+    assert status == 200
+    return body
