@@ -58,7 +58,8 @@ class ServerConfig:
     # Process management.
     heartbeat_timeout: float = 30.0  # a worker silent this long is killed and replaced
     restart_backoff_max: float = 10.0
-    access_log: bool = False
+    access_log: bool = False  # one JSON line per request
+    access_log_path: str = ""  # "" = standard error
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +268,7 @@ _SERVER_PARSERS: dict[str, Callable[[object], Any]] = {
     "heartbeat_timeout": _positive_duration,
     "restart_backoff_max": _positive_duration,
     "access_log": _bool,
+    "access_log_path": _string,
 }
 
 _UPSTREAM_PARSERS: dict[str, Callable[[object], Any]] = {

@@ -93,6 +93,9 @@ class Exchange:
         "request_id",
         "response_started",
         "retried",
+        "server",
+        "started",
+        "status",
         "target",
         "upstream",
     )
@@ -129,6 +132,9 @@ class Exchange:
         self.response_started = False
         self.retried = False
         self.attempts = 0  # upstream connect attempts
+        self.status = 0  # response status sent to the client
+        self.server: object = None  # address of the upstream server that took the request
+        self.started = 0.0  # loop time the head was parsed (set when something measures latency)
 
     @property
     def replayable(self) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from proxy.config import Config
 
 if TYPE_CHECKING:
+    from proxy.accesslog import AccessLog
     from proxy.exchange import Exchange
     from proxy.upstream.pool import Cluster
 
@@ -53,6 +54,7 @@ class WorkerState:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self.on_tick: Callable[[], None] | None = None
+        self.access_log: AccessLog | None = None
         s = config.server
         smallest = min(
             [s.header_timeout, s.keepalive_timeout, s.body_timeout, s.send_timeout, s.drain_idle_grace or 1.0]
@@ -82,6 +84,8 @@ class WorkerState:
             cluster.sweep(now)
         if self.on_tick is not None:
             self.on_tick()
+        if self.access_log is not None:
+            self.access_log.flush()
         if self._drained is not None and not self.connections and not self._drained.done():
             self._drained.set_result(None)
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)

@@ -19,6 +19,7 @@ import signal
 import socket
 import traceback
 
+from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.gateway import Gateway
 from proxy.http1.protocol import Http1Settings, HttpProtocol
@@ -56,6 +57,8 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     connector = make_connector(state)
     state.clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
     state.gateway = Gateway(config, state, state.clusters)
+    if config.server.access_log:
+        state.access_log = AccessLog.open(config.server.access_log_path, slot)
     settings = Http1Settings(state)
     stop = loop.create_future()
 
@@ -77,6 +80,8 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     if not drained:
         log.warning("worker %d: drain_timeout reached, closed remaining connections", slot)
     state.stop()
+    if state.access_log is not None:
+        state.access_log.close()
 
 
 def run(config: Config, sock: socket.socket, slot: int, status_fd: int) -> int:

@@ -258,6 +258,9 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.clear()
         if exchange is not None:
             self._abandon_upstream(exchange)
+            if self.state.access_log is not None:
+                exchange.status = exchange.status or 499  # nginx's "client closed request"
+                self._log(exchange)
 
     def pause_writing(self) -> None:
         """Client is slow: stop reading the upstream response until it catches up."""
@@ -370,6 +373,8 @@ class HttpProtocol(asyncio.Protocol):
         )
         exchange = Exchange(self, method, target, host, headers, rid, forward, kind, length)
         exchange.keep_alive = parser.should_keep_alive()
+        if state.access_log is not None:
+            exchange.started = state.loop.time()
         if self.h_expect is not None:
             if self.h_expect.strip().lower() != b"100-continue":
                 raise _ExpectationFailed()
@@ -432,15 +437,16 @@ class HttpProtocol(asyncio.Protocol):
         self._resume(_PAUSE_UPSTREAM)
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
-        self.out.append(self._head(exchange, head, body))
+        self.out.append(self._head(exchange, status, head, body))
 
     def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(b"".join((self._head(exchange, head, BodyKind.LENGTH), body)))
+            self.transport.write(b"".join((self._head(exchange, status, head, BodyKind.LENGTH), body)))
 
-    def _head(self, exchange: Exchange, head: bytes, body: BodyKind) -> bytes:
+    def _head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> bytes:
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
         exchange.response_started = True
+        exchange.status = status
         keep = exchange.keep_alive and not self.state.draining and not self.closing
         chunked = False
         if body is BodyKind.CHUNKED or body is BodyKind.UNTIL_CLOSE:
@@ -497,6 +503,7 @@ class HttpProtocol(asyncio.Protocol):
             and self.deferred_error is None
         )
         self.out.clear()
+        exchange.status = error.status
         self.transport.write(error_response(error.status, error.detail, exchange.request_id, close=not keep))
         self._finish_response(exchange, keep)
 
@@ -510,6 +517,8 @@ class HttpProtocol(asyncio.Protocol):
     def _finish_response(self, exchange: Exchange, keep: bool) -> None:
         self.active = None
         exchange.phase = Phase.DONE
+        if self.state.access_log is not None:
+            self._log(exchange)
         if not keep or self.closing:
             self._close()
             return
@@ -524,6 +533,19 @@ class HttpProtocol(asyncio.Protocol):
             self._answer_and_close(self.deferred_error)
         else:
             self._resume(_PAUSE_PIPELINE)
+
+    def _log(self, exchange: Exchange) -> None:
+        assert self.state.access_log is not None
+        self.state.access_log.record(
+            method=exchange.method,
+            target=exchange.target,
+            status=exchange.status,
+            duration=self.state.loop.time() - exchange.started,
+            request_id=exchange.request_id,
+            client=self.client_ip,
+            upstream=str(exchange.server or ""),
+            protocol="HTTP/1.1" if self.http11 else "HTTP/1.0",
+        )
 
     def _abandon_upstream(self, exchange: Exchange) -> None:
         """Detach `exchange` from whatever upstream resource it holds or waits for."""

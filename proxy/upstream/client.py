@@ -303,6 +303,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_start = 0
         self.head_done = self.complete = self.got_bytes = False
         exchange.upstream = self
+        exchange.server = self.server.address
         exchange.phase = Phase.WAIT_RESPONSE
         exchange.deadline = self.state.now + self.timeout
         parts = request_head(exchange)
