@@ -37,14 +37,23 @@ class BodyKind(IntEnum):
     UNTIL_CLOSE = 3  # response only: read until the connection closes
 
 
+# Enum attribute access goes through EnumType.__getattr__ (about 20 times the cost of a global
+# lookup on CPython 3.11), so the hot path uses these module-level aliases of the members.
+PHASE_ROUTING, PHASE_WAIT_CONNECTION, PHASE_CONNECTING, PHASE_WAIT_RESPONSE, PHASE_DONE = Phase
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = BodyKind
+
+
 class Downstream(Protocol):
     """What the upstream client calls back on; implemented by each downstream protocol."""
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
         """The upstream response head, hop-by-hop lines removed (`head` excludes the final CRLF CRLF)."""
 
-    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes) -> None:
-        """A whole Content-Length response at once (the common small response): head, body, end, flush."""
+    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
+        """A whole response read at once (the common small one): head, complete body, end, flush.
+
+        `kind` is the upstream framing; a chunked or until-close body may be sent with a Content-Length.
+        """
 
     def response_body(self, data: bytes) -> None:
         """A piece of the decoded response body."""
@@ -121,12 +130,12 @@ class Exchange:
         self.forward_lines = forward_lines  # pre-encoded header lines added by the proxy (X-Forwarded-*, ...)
         self.body_kind = body_kind
         self.content_length = content_length
-        self.body_done = body_kind is BodyKind.NONE
+        self.body_done = body_kind is BODY_NONE
         self.pending_body: list[bytes] = []  # body received before an upstream was attached
         self.pending_bytes = 0
         self.expect_continue = False
         self.keep_alive = True  # the client allows reusing its connection after this exchange
-        self.phase = Phase.ROUTING
+        self.phase = PHASE_ROUTING
         self.deadline = 0.0
         self.upstream: UpstreamConnection | None = None
         self.response_started = False
@@ -139,7 +148,7 @@ class Exchange:
     @property
     def replayable(self) -> bool:
         """Safe to send again on a fresh connection: idempotent and without a body."""
-        return self.method in _IDEMPOTENT and self.body_kind is BodyKind.NONE and not self.retried
+        return self.method in _IDEMPOTENT and self.body_kind is BODY_NONE and not self.retried
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.target[:60]!r} {self.phase.name} id={self.request_id.decode()}>"

@@ -30,7 +30,19 @@ from proxy.errors import (
     ServiceUnavailable,
     VersionNotSupported,
 )
-from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.exchange import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    PHASE_CONNECTING,
+    PHASE_DONE,
+    PHASE_ROUTING,
+    PHASE_WAIT_CONNECTION,
+    PHASE_WAIT_RESPONSE,
+    BodyKind,
+    Exchange,
+)
 from proxy.http1.framing import (
     LAST_CHUNK,
     chunk,
@@ -267,14 +279,14 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = True
         self.paused_since = self.state.now
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase is Phase.WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.pause_response()
 
     def resume_writing(self) -> None:
         """Client caught up: read the upstream response again."""
         self.write_paused = False
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase is Phase.WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.resume_response()
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -343,14 +355,14 @@ class HttpProtocol(asyncio.Protocol):
                 raise BadRequest("invalid_transfer_encoding")  # the body length cannot be known
             if codings.strip() != b"chunked":
                 raise NotImplementedByProxy("unsupported_transfer_encoding")
-            kind = BodyKind.CHUNKED
+            kind = BODY_CHUNKED
         elif self.h_length is not None:
             length = int(self.h_length)
             if length > settings.max_body:
                 raise PayloadTooLarge()
-            kind = BodyKind.LENGTH if length else BodyKind.NONE
+            kind = BODY_LENGTH if length else BODY_NONE
         else:
-            kind = BodyKind.NONE
+            kind = BODY_NONE
         target = self.url
         host = self.h_host
         if target[:1] != b"/":
@@ -378,10 +390,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.h_expect is not None:
             if self.h_expect.strip().lower() != b"100-continue":
                 raise _ExpectationFailed()
-            exchange.expect_continue = http11 and kind is not BodyKind.NONE
+            exchange.expect_continue = http11 and kind is not BODY_NONE
         self.requests += 1
         state.requests += 1
-        if kind is not BodyKind.NONE:
+        if kind is not BODY_NONE:
             self.reading = exchange
             self.body_received = 0
             self.body_deadline = state.now + settings.body_timeout
@@ -403,9 +415,9 @@ class HttpProtocol(asyncio.Protocol):
             raise PayloadTooLarge()
         self.body_deadline = self.state.now + self.settings.body_timeout
         phase = exchange.phase
-        if phase is Phase.WAIT_RESPONSE:
+        if phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.send_body(body)  # type: ignore[union-attr]
-        elif phase is not Phase.DONE:
+        elif phase is not PHASE_DONE:
             exchange.pending_body.append(body)
             exchange.pending_bytes += len(body)
             if exchange.pending_bytes > self.settings.write_limit:
@@ -419,7 +431,7 @@ class HttpProtocol(asyncio.Protocol):
         self.reading = None
         self.body_deadline = _NEVER
         exchange.body_done = True
-        if exchange.phase is Phase.WAIT_RESPONSE:
+        if exchange.phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.end_body()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ Downstream (called by upstream)
@@ -439,9 +451,12 @@ class HttpProtocol(asyncio.Protocol):
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
         self.out.append(self._head(exchange, status, head, body))
 
-    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes) -> None:
+    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
+        if kind is BODY_CHUNKED or kind is BODY_UNTIL_CLOSE:
+            head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
+            kind = BODY_LENGTH
         if self.transport is not None:
-            self.transport.write(b"".join((self._head(exchange, status, head, BodyKind.LENGTH), body)))
+            self.transport.write(b"".join((self._head(exchange, status, head, kind), body)))
 
     def _head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> bytes:
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
@@ -449,7 +464,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange.status = status
         keep = exchange.keep_alive and not self.state.draining and not self.closing
         chunked = False
-        if body is BodyKind.CHUNKED or body is BodyKind.UNTIL_CLOSE:
+        if body is BODY_CHUNKED or body is BODY_UNTIL_CLOSE:
             if self.http11:
                 chunked = True
             else:
@@ -488,10 +503,10 @@ class HttpProtocol(asyncio.Protocol):
             self._finish_response(exchange, self.resp_keep_alive)
 
     def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        if exchange is not self.active or (exchange.phase is Phase.DONE and exchange.response_started):
+        if exchange is not self.active or (exchange.phase is PHASE_DONE and exchange.response_started):
             return
         self._abandon_upstream(exchange)
-        exchange.phase = Phase.DONE
+        exchange.phase = PHASE_DONE
         if exchange.response_started or self.transport is None:
             self.abort()  # a response is half-sent: the client must see the failure
             return
@@ -516,7 +531,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish_response(self, exchange: Exchange, keep: bool) -> None:
         self.active = None
-        exchange.phase = Phase.DONE
+        exchange.phase = PHASE_DONE
         if self.state.access_log is not None:
             self._log(exchange)
         if not keep or self.closing:
@@ -551,13 +566,13 @@ class HttpProtocol(asyncio.Protocol):
         """Detach `exchange` from whatever upstream resource it holds or waits for."""
         phase = exchange.phase
         upstream = exchange.upstream
-        if phase is Phase.WAIT_CONNECTION:
-            exchange.phase = Phase.DONE  # skipped lazily by the cluster's waiter queue
-        elif phase is Phase.CONNECTING:
-            exchange.phase = Phase.DONE
+        if phase is PHASE_WAIT_CONNECTION:
+            exchange.phase = PHASE_DONE  # skipped lazily by the cluster's waiter queue
+        elif phase is PHASE_CONNECTING:
+            exchange.phase = PHASE_DONE
             if upstream is not None:
                 upstream.cancel_connect()
-        elif phase is Phase.WAIT_RESPONSE and upstream is not None:
+        elif phase is PHASE_WAIT_RESPONSE and upstream is not None:
             upstream.abort_exchange()
         exchange.upstream = None
 
@@ -620,7 +635,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         exchange = self.active
         if exchange is not None:
-            if now > exchange.deadline and exchange.phase is not Phase.DONE and exchange.phase is not Phase.ROUTING:
+            if now > exchange.deadline and exchange.phase is not PHASE_DONE and exchange.phase is not PHASE_ROUTING:
                 self._upstream_timeout(exchange)
             elif self.write_paused and now - self.paused_since > self.settings.send_timeout:
                 self.abort()
@@ -637,9 +652,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upstream_timeout(self, exchange: Exchange) -> None:
         phase = exchange.phase
-        if phase is Phase.WAIT_CONNECTION:
+        if phase is PHASE_WAIT_CONNECTION:
             error: ProxyError = ServiceUnavailable("upstream_pending_timeout")
-        elif phase is Phase.CONNECTING:
+        elif phase is PHASE_CONNECTING:
             error = GatewayTimeout("upstream_connect_timeout")
         else:
             error = GatewayTimeout("upstream_response_timeout")

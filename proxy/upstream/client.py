@@ -15,36 +15,29 @@ pause_writing -> the downstream stops reading the request body.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from proxy.errors import BadGateway, ProxyError
-from proxy.exchange import BodyKind, Exchange, Phase
-from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk, clean_head_bytes
+from proxy.exchange import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    PHASE_CONNECTING,
+    PHASE_DONE,
+    PHASE_WAIT_RESPONSE,
+    Exchange,
+)
+from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
     from proxy.upstream.pool import Cluster, Connector, ServerPool
 
-_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _NEVER = float("inf")
-
-
-def response_body_kind(head: bytes, status: int, method: bytes) -> BodyKind:
-    """How the body of a response with this head is framed (RFC 9112 section 6.3)."""
-    if method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
-        return BodyKind.NONE
-    kind = BodyKind.UNTIL_CLOSE
-    for name, value in _FRAMING.findall(head):
-        if len(name) == 17:  # transfer-encoding: the parser already rejected it alongside content-length
-            last = value.rsplit(b",", 1)[-1].strip().lower()
-            return BodyKind.CHUNKED if last == b"chunked" else BodyKind.UNTIL_CLOSE
-        kind = BodyKind.LENGTH
-    return kind
 
 
 def request_head(exchange: Exchange) -> list[bytes]:
@@ -58,9 +51,9 @@ def request_head(exchange: Exchange) -> list[bytes]:
         append(b"\r\n")
     append(exchange.forward_lines)
     kind = exchange.body_kind
-    if kind is BodyKind.LENGTH:
+    if kind is BODY_LENGTH:
         append(b"content-length: %d\r\n\r\n" % exchange.content_length)
-    elif kind is BodyKind.CHUNKED:
+    elif kind is BODY_CHUNKED:
         append(b"transfer-encoding: chunked\r\n\r\n")
     elif exchange.method in _BODY_METHODS:
         append(b"content-length: 0\r\n\r\n")
@@ -78,20 +71,24 @@ class UpstreamConnection(asyncio.Protocol):
         "cluster",
         "complete",
         "connect_task",
+        "delivered",
         "exchange",
         "got_bytes",
+        "head",
         "head_buf",
         "head_done",
         "head_start",
         "idle_since",
         "keep_alive",
         "parser",
+        "parts",
         "pending",
         "requests",
         "reset_parser",
         "rewriter",
         "server",
         "state",
+        "status",
         "timeout",
         "transport",
     )
@@ -117,12 +114,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.head_buf = b""
         self.head_start = 0
+        self.head = b""  # cleaned response head, until delivered downstream
+        self.parts: list[bytes] = []  # body read before the head was delivered
+        self.status = 0
+        self.delivered = False
         self.head_done = False
         self.complete = False
         self.got_bytes = False
         self.keep_alive = True
         self.reset_parser = False
-        self.body_kind = BodyKind.NONE
+        self.body_kind = BODY_NONE
 
     @property
     def usable(self) -> bool:
@@ -149,11 +150,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster.connected(self.server)
         if self.closed:  # lost right after connecting: connection_lost left the bookkeeping to us
             self.cluster.discard(self.server, self, now)
-            if exchange is not None and exchange.phase is Phase.CONNECTING:
+            if exchange is not None and exchange.phase is PHASE_CONNECTING:
                 exchange.upstream = None
                 exchange.downstream.response_failed(exchange, BadGateway("upstream_closed"))
             return
-        if exchange is not None and exchange.phase is Phase.CONNECTING:
+        if exchange is not None and exchange.phase is PHASE_CONNECTING:
             self.attach(exchange)
         else:
             self.cluster.release(self.server, self, now)
@@ -175,8 +176,6 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.deadline != _NEVER:
             exchange.deadline = self.state.now + self.timeout
         if not self.head_done:
-            if not self.head_buf and self._whole_response(exchange, data):
-                return
             self.head_buf = self.head_buf + data if self.head_buf else data
         try:
             self.parser.feed_data(data)
@@ -187,9 +186,28 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(BadGateway("invalid_upstream_response"))
             return
-        exchange.downstream.response_flush()
+        if self.delivered:
+            exchange.downstream.response_flush()
+        elif self.head_done:
+            self._deliver(exchange)
         if self.complete:
             self._finish(exchange)
+
+    def _deliver(self, exchange: Exchange) -> None:
+        """Hand the head (and the body read with it) downstream: all at once when the response is complete."""
+        self.delivered = True
+        downstream = exchange.downstream
+        parts = self.parts
+        if self.complete:
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            downstream.response_complete(exchange, self.status, self.head, body, self.body_kind)
+        else:
+            downstream.response_head(exchange, self.status, self.head, self.body_kind)
+            for part in parts:
+                downstream.response_body(part)
+            downstream.response_flush()
+        self.parts = []
+        self.head = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Closed by either side; finishes an until-close body, retries or fails the exchange."""
@@ -204,10 +222,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         exchange.upstream = None
         downstream = exchange.downstream
-        if self.head_done and self.body_kind is BodyKind.UNTIL_CLOSE:
-            downstream.response_end()
-            downstream.response_flush()
-            exchange.phase = Phase.DONE
+        if self.head_done and self.body_kind is BODY_UNTIL_CLOSE:
+            self.complete = True
+            if self.delivered:
+                downstream.response_end()
+                downstream.response_flush()
+            else:
+                self._deliver(exchange)
+            exchange.phase = PHASE_DONE
             downstream.exchange_upstream_done(exchange)
         elif not self.got_bytes and self.requests > 1 and exchange.replayable:
             self.cluster.dispatch_fresh(exchange, now)
@@ -240,57 +262,29 @@ class UpstreamConnection(asyncio.Protocol):
         head = buf[self.head_start : end] if self.head_start else buf[:end]
         self.head_buf = b""
         self.head_done = True
-        kind = response_body_kind(head, status, exchange.method)
+        self.status = status
+        kind, self.head = self.rewriter.inspect(head, status, exchange.method == b"HEAD")
         self.body_kind = kind
-        exchange.downstream.response_head(exchange, status, self.rewriter.clean(head), kind)
-        if kind is BodyKind.NONE and exchange.method == b"HEAD":
+        if kind is BODY_NONE and exchange.method == b"HEAD":
             # llhttp cannot be told that a HEAD response has no body: finish here, new parser later.
             self.keep_alive = self.parser.should_keep_alive()
             self.reset_parser = True
             self.complete = True
-            exchange.downstream.response_end()
 
     def on_body(self, body: bytes) -> None:
-        if not self.complete:
-            self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
+        if self.delivered:
+            if not self.complete:
+                self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
+        else:
+            self.parts.append(body)
 
     def on_message_complete(self) -> None:
         if not self.head_done or self.complete:
             return  # end of an informational response, or a HEAD response finished early
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
-        self.exchange.downstream.response_end()  # type: ignore[union-attr]
-
-    def _whole_response(self, exchange: Exchange, data: bytes) -> bool:
-        """Fast path: `data` is exactly one complete HTTP/1.1 Content-Length response with a clean head.
-
-        One regex scan replaces the parser and its callbacks; anything unusual (other framing,
-        hop-by-hop lines to strip, `Connection: close`, informational or bodiless statuses, HEAD,
-        a partial or longer read) returns False and goes through httptools instead.
-        """
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or not data.startswith(b"HTTP/1.1 ") or exchange.method == b"HEAD":
-            return False
-        head = data[:end]
-        found = self.rewriter.scan.findall(head)
-        if len(found) != 1 or len(found[0][0]) != 14:  # exactly one line of interest: content-length
-            return False
-        length_text = found[0][1].rstrip()
-        status_text = data[9:12]
-        if not length_text.isdigit() or not status_text.isdigit() or data[12:13] not in (b" ", b"\r"):
-            return False
-        status = int(status_text)
-        if status < 200 or status == 204 or status == 304:
-            return False
-        start = end + 4
-        if len(data) - start != int(length_text) or not clean_head_bytes(head):
-            return False
-        self.head_done = self.complete = True
-        self.keep_alive = True
-        self.body_kind = BodyKind.LENGTH
-        exchange.downstream.response_complete(exchange, status, head, data[start:])
-        self._finish(exchange)
-        return True
+        if self.delivered:
+            self.exchange.downstream.response_end()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ requests
 
@@ -301,19 +295,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self.head_buf = b""
         self.head_start = 0
-        self.head_done = self.complete = self.got_bytes = False
+        self.head_done = self.complete = self.got_bytes = self.delivered = False
         exchange.upstream = self
         exchange.server = self.server.address
-        exchange.phase = Phase.WAIT_RESPONSE
+        exchange.phase = PHASE_WAIT_RESPONSE
         exchange.deadline = self.state.now + self.timeout
         parts = request_head(exchange)
         if exchange.pending_body:
-            chunked = exchange.body_kind is BodyKind.CHUNKED
+            chunked = exchange.body_kind is BODY_CHUNKED
             for piece in exchange.pending_body:
                 parts.append(chunk(piece) if chunked else piece)
             exchange.pending_body.clear()
             exchange.pending_bytes = 0
-        if exchange.body_done and exchange.body_kind is BodyKind.CHUNKED:
+        if exchange.body_done and exchange.body_kind is BODY_CHUNKED:
             parts.append(LAST_CHUNK)
         self.transport.write(b"".join(parts))
         if not exchange.body_done:
@@ -325,12 +319,12 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None or self.transport is None:
             return
         exchange.deadline = self.state.now + self.timeout
-        self.transport.write(chunk(data) if exchange.body_kind is BodyKind.CHUNKED else data)
+        self.transport.write(chunk(data) if exchange.body_kind is BODY_CHUNKED else data)
 
     def end_body(self) -> None:
         """The request body is complete."""
         exchange = self.exchange
-        if exchange is not None and self.transport is not None and exchange.body_kind is BodyKind.CHUNKED:
+        if exchange is not None and self.transport is not None and exchange.body_kind is BODY_CHUNKED:
             self.transport.write(LAST_CHUNK)
 
     def pause_response(self) -> None:
@@ -351,7 +345,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange.upstream = None
-            exchange.phase = Phase.DONE
+            exchange.phase = PHASE_DONE
             self.exchange = None
         self.close(abort=True)
 
@@ -368,7 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish(self, exchange: Exchange) -> None:
         self.exchange = None
         exchange.upstream = None
-        exchange.phase = Phase.DONE
+        exchange.phase = PHASE_DONE
         if self.reset_parser:
             self.parser = httptools.HttpResponseParser(self)
             self.reset_parser = False

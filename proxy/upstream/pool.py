@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy.config import Address, UpstreamConfig
 from proxy.errors import GatewayTimeout, ServiceUnavailable
-from proxy.exchange import Exchange, Phase
+from proxy.exchange import PHASE_CONNECTING, PHASE_DONE, PHASE_WAIT_CONNECTION, Exchange
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -127,7 +127,7 @@ class Cluster:
         if len(self.waiters) >= self.config.max_pending:
             exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_overflow"))
             return
-        exchange.phase = Phase.WAIT_CONNECTION
+        exchange.phase = PHASE_WAIT_CONNECTION
         exchange.deadline = now + self.config.pending_timeout
         self.waiters.append(exchange)
 
@@ -151,7 +151,7 @@ class Cluster:
     def _connect(self, server: ServerPool, exchange: Exchange, now: float) -> None:
         server.open += 1
         exchange.attempts += 1
-        exchange.phase = Phase.CONNECTING
+        exchange.phase = PHASE_CONNECTING
         exchange.deadline = now + self.config.connect_timeout
         self.connector(server, exchange)
 
@@ -161,7 +161,7 @@ class Cluster:
         """A connection finished a response and can be reused."""
         while self.waiters:
             waiter = self.waiters.popleft()
-            if waiter.phase is Phase.WAIT_CONNECTION:
+            if waiter.phase is PHASE_WAIT_CONNECTION:
                 conn.attach(waiter)
                 return
         conn.idle_since = now
@@ -188,7 +188,7 @@ class Cluster:
         if server.fails >= self.config.max_fails:
             server.ejected_until = now + self.config.fail_cooldown
             server.fails = 0
-        if exchange is not None and exchange.phase is Phase.CONNECTING:
+        if exchange is not None and exchange.phase is PHASE_CONNECTING:
             if timeout:
                 exchange.downstream.response_failed(exchange, GatewayTimeout("upstream_connect_timeout"))
             else:
@@ -212,7 +212,7 @@ class Cluster:
     def _serve_waiter(self, now: float) -> None:
         while self.waiters:
             waiter = self.waiters[0]
-            if waiter.phase is not Phase.WAIT_CONNECTION:
+            if waiter.phase is not PHASE_WAIT_CONNECTION:
                 self.waiters.popleft()
                 continue
             for server in self._rotation(now):
@@ -228,7 +228,7 @@ class Cluster:
 
     def cancel_waiter(self, exchange: Exchange) -> None:
         """The exchange left the queue (timeout or client gone); it is skipped lazily."""
-        exchange.phase = Phase.DONE
+        exchange.phase = PHASE_DONE
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -12,7 +12,6 @@ from proxy.http1.framing import (
     valid_request_id,
 )
 from proxy.routing import Router, host_without_port
-from proxy.upstream.client import response_body_kind
 
 
 def test_rewriter_strips_hop_by_hop_and_nominated_headers() -> None:
@@ -71,7 +70,16 @@ def test_request_id_validation(value: bytes, ok: bool) -> None:
     ],
 )
 def test_response_body_kind(head: bytes, status: int, method: bytes, kind: BodyKind) -> None:
-    assert response_body_kind(head, status, method) is kind
+    found, cleaned = ResponseHeadRewriter().inspect(head, status, method == b"HEAD")
+    assert found is kind
+    assert b"transfer-encoding" not in cleaned.lower()
+
+
+def test_inspect_leaves_plain_heads_alone() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b"
+    assert ResponseHeadRewriter().inspect(head, 200, False) == (BodyKind.LENGTH, head)
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 5"
+    assert ResponseHeadRewriter().inspect(old, 200, False)[1] == b"HTTP/1.1 200 OK\r\nContent-Length: 5"
 
 
 def test_router_longest_prefix_and_hosts() -> None:
