@@ -604,7 +604,7 @@ class HttpConnection(asyncio.Protocol):
         peer receives it and then sees the connection end.
         """
         if flush and not self._closing and self._transport.get_write_buffer_size():
-            self.call_later(0.001, self._abort_flushed)
+            self.call_later(0.005, self._abort_flushed)
             return
         self._closing = True
         self._producer = None

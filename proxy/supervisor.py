@@ -85,6 +85,9 @@ def bind_listener(address: Address, backlog: int) -> socket.socket:
         sock.bind((address.host, address.port))
         sock.listen(backlog)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
     except BaseException:
         sock.close()
         raise
@@ -166,13 +169,14 @@ class Supervisor:
 
     def spawn(self, slot: Slot, config: Config, generation: int) -> Worker:
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
             code = EXIT_BOOT_FAILURE
             try:
                 os.close(read_fd)
                 self._child_cleanup(slot)
-                code = worker.run(config, slot.sock, slot.index, write_fd)
+                code = worker.run(config, slot.sock, slot.index, write_fd, parent)
             except BaseException as exc:  # never return into the supervisor's stack
                 try:
                     os.write(write_fd, b"E" + f"{type(exc).__name__}: {exc}".encode())
@@ -428,7 +432,7 @@ class Supervisor:
         try:
             self.bind()
         except OSError as exc:
-            log.error("cannot listen: %s", exc)
+            log.error("%s; stopping", exc.strerror or exc)
             return EXIT_BIND_FAILURE
         self._install_signals()
         for slot in self.slots:

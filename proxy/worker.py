@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -31,6 +32,7 @@ from proxy.upstream.pool import Cluster
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3
 GC_THRESHOLD = 20_000
+PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("uvgate.worker")
 
@@ -91,7 +93,18 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         state.access_log.close()
 
 
-def run(config: Config, sock: socket.socket, slot: int, status_fd: int) -> int:
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM (drain) this worker if the supervisor dies, instead of leaving it serving unsupervised."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(config: Config, sock: socket.socket, slot: int, status_fd: int, parent: int) -> int:
     """Entry point in the forked child; returns the process exit code."""
     import uvloop
 
@@ -99,6 +112,7 @@ def run(config: Config, sock: socket.socket, slot: int, status_fd: int) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent(parent)
     status = StatusPipe(status_fd)
     try:
         loop = uvloop.new_event_loop()

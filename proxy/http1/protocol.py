@@ -155,6 +155,7 @@ class HttpProtocol(asyncio.Protocol):
         "n_headers",
         "out",
         "parser",
+        "parse_failed",
         "paused_since",
         "queue",
         "read_paused",
@@ -188,7 +189,8 @@ class HttpProtocol(asyncio.Protocol):
         self.paused_since = 0.0
         self.closing = False
         self.linger_deadline = 0.0
-        self.deferred_error: ProxyError | None = None
+        self.deferred_error: ProxyError | None = None  # answered after the exchanges parsed before it
+        self.parse_failed = False
         self.requests = 0
         self.idle_since = state.now
         self.in_head = False
@@ -225,8 +227,8 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return  # lingering close: discard
+        if self.closing or self.parse_failed:
+            return  # lingering close, or the stream is beyond repair: discard
         if self.in_head:
             self.head_raw += len(data)
         try:
@@ -515,7 +517,6 @@ class HttpProtocol(asyncio.Protocol):
             and not error.close
             and not self.state.draining
             and not self.closing
-            and self.deferred_error is None
         )
         self.out.clear()
         exchange.status = error.status
@@ -579,20 +580,26 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ errors, timeouts, closing
 
     def _protocol_error(self, error: ProxyError) -> None:
-        """The request stream is broken: stop parsing, answer (after what is in flight) and close."""
+        """The request stream is broken: stop parsing; answer what came before it, then the error; close.
+
+        Exchanges parsed before the broken request are valid and keep their place in line; the error
+        answer follows the last of them. If the broken part is the body of the exchange being
+        answered, that exchange is failed (or aborted, if its response already started).
+        """
+        self.parse_failed = True
+        self._pause(_PAUSE_PIPELINE)
+        reading = self.reading
         self.reading = None
-        self.queue.clear()
         active = self.active
+        if reading is not None and reading in self.queue:
+            self.queue.remove(reading)  # its body is broken: never dispatched
         if active is None:
             self._answer_and_close(error)
-        elif active.response_started:
-            # Its response is streaming; the broken request behind it gets no answer.
-            self.deferred_error = error
-            self.resp_keep_alive = False
+        elif reading is active:
             active.keep_alive = False
-            self._pause(_PAUSE_PIPELINE)
-        else:
             self.response_failed(active, error)
+        else:
+            self.deferred_error = error
 
     def _answer_and_close(self, error: ProxyError) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ def config(**server: Any) -> dict[str, Any]:
     return data
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, service: ProxyService | None = None) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, service: ProxyService | None = None) -> T:
     """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     delay = 0.005
@@ -109,7 +111,9 @@ def wait_ready(service: ProxyService, timeout: float = 10.0) -> None:
     wait_until(lambda: readyz(service) == 200, timeout, "/readyz 200", service)
 
 
-def get(service: ProxyService, target: str = "/api/resource", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+def get(
+    service: ProxyService, target: str = "/api/resource", timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
     """One request through the proxy on a fresh connection: (status, lower-cased headers, body)."""
     response = raw_request(service.host, service.port, "GET", target, timeout=timeout)
     return response.status, {k.lower(): v for k, v in response.headers}, response.body
@@ -131,7 +135,8 @@ def write_config(service: ProxyService, data: dict[str, Any] | str) -> None:
     rendered = copy.deepcopy(data)
     rendered["server"]["listen"] = service.config["server"]["listen"]
     rendered["server"]["admin_listen"] = service.config["server"]["admin_listen"]
-    rendered["server"]["workers"] = service.config["server"]["workers"]
+    if "workers" in service.config["server"]:
+        rendered["server"].setdefault("workers", service.config["server"]["workers"])
     for name, upstream in rendered["upstreams"].items():
         upstream["servers"] = service.config["upstreams"][name]["servers"]
     dump(rendered, service.config_path)
@@ -165,3 +170,69 @@ def api_body(backend: Service) -> bytes:
     status, _, body = http_request("GET", backend.url + "/api/resource", timeout=2.0)
     assert status == 200
     return body
+
+
+# ---------------------------------------------------------------------------------------------- /proc/net/tcp
+
+_TCP_LISTEN = "0A"
+_TCP_ESTABLISHED = "01"
+
+
+@dataclass(frozen=True)
+class TcpEntry:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: str  # hex state code of /proc/net/tcp: 0A LISTEN, 01 ESTABLISHED
+    inode: int
+
+
+def _address(text: str) -> tuple[str, int]:
+    hex_ip, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_ip)
+    # The kernel prints the address as host-order 32-bit words.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(words) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, words), int(hex_port, 16)
+
+
+def tcp_table() -> list[TcpEntry]:
+    """Every TCP socket of this network namespace (IPv4 and IPv6)."""
+    entries: list[TcpEntry] = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as fh:
+                lines = fh.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            entries.append(TcpEntry(_address(fields[1]), _address(fields[2]), fields[3], int(fields[9])))
+    return entries
+
+
+def listening_addresses(port: int) -> set[tuple[str, int]]:
+    """Local addresses of the sockets listening on `port`."""
+    return {e.local for e in tcp_table() if e.state == _TCP_LISTEN and e.local[1] == port}
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def client_ports(pid: int, server_port: int) -> set[int]:
+    """Client-side ports of the established connections to `server_port` that process `pid` holds."""
+    inodes = socket_inodes(pid)
+    return {
+        e.remote[1]
+        for e in tcp_table()
+        if e.inode in inodes and e.state == _TCP_ESTABLISHED and e.local[1] == server_port
+    }

@@ -59,12 +59,16 @@ class Response:
 class Failure:
     at: float  # time.monotonic()
     conn: int  # index of the load connection (0 .. connections-1)
+    local_port: int  # client-side port of the TCP connection (0 if it never connected)
     request_on_conn: int  # how many requests this TCP connection had completed before
     kind: str  # connect | send | eof | reset | timeout | protocol | status | body | error
     detail: str
 
     def __str__(self) -> str:
-        return f"conn {self.conn} (after {self.request_on_conn} requests on it): {self.kind}: {self.detail}"
+        return (
+            f"conn {self.conn} (port {self.local_port}, after {self.request_on_conn} requests on it): "
+            f"{self.kind}: {self.detail}"
+        )
 
 
 @dataclass
@@ -110,6 +114,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.local_port: int = sock.getsockname()[1]
         self.buf = bytearray()
         self.completed = 0
 
@@ -361,7 +366,8 @@ class LoadGenerator:
     # ------------------------------------------------------------------ worker threads
 
     def _fail(self, index: int, conn: _Conn | None, kind: str, detail: str) -> None:
-        failure = Failure(time.monotonic(), index, conn.completed if conn is not None else 0, kind, detail)
+        completed, port = (conn.completed, conn.local_port) if conn is not None else (0, 0)
+        failure = Failure(time.monotonic(), index, port, completed, kind, detail)
         with self._shared.lock:
             self._shared.failures.append(failure)
 

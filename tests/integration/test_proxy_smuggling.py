@@ -1,0 +1,144 @@
+"""Request smuggling through the HTTP/1.1 data plane, over real sockets against a real proxy and backend_stub.
+
+Every ambiguous or malformed framing must be answered 400 by the proxy, which then closes the
+connection (the client reads the answer, then EOF), and the backend must never see the request
+hidden behind it. The backend's `/stats` request counter is read directly before and after each
+attempt; the backend counts a request when it is complete, and the `/stats` request itself counts
+once, so a delta of exactly 1 means nothing reached the backend through the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, http_get
+from devstack.rawhttp import parse_response
+
+IO_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0
+SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _config() -> dict[str, Any]:
+    return {
+        "server": {},
+        "upstreams": {"backend": {"servers": ["127.0.0.1:9"]}},
+        "routes": [{"prefix": "/", "upstream": "backend"}],
+    }
+
+
+def _backend_requests(backend: Service) -> int:
+    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
+    assert status == 200
+    requests: int = json.loads(body)["requests"]
+    return requests
+
+
+def _assert_json_error(response: RawResponse, status: int) -> None:
+    assert response.status == status, response.raw[:500]
+    payload = response.json()
+    assert isinstance(payload["error"], str) and payload["error"]
+    assert payload["request_id"] == response.header("x-request-id")
+
+
+def _assert_closed_after_response(conn: RawHTTPConnection) -> None:
+    """The proxy closes its side: recv returns b"" and nothing else (no second response) arrives."""
+    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open after a framing error"
+    assert conn.buffer == b"", f"unexpected bytes after the error response: {conn.buffer[:300]!r}"
+
+
+SMUGGLING_CASES: dict[str, bytes] = {
+    # CL.TE: a front end honouring Content-Length forwards everything, a back end honouring chunked
+    # ends the body at 0\r\n\r\n and runs the smuggled request.
+    "cl_then_te": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n%s"
+        % (5 + len(SMUGGLED), SMUGGLED)
+    ),
+    # TE.CL: the reverse.
+    "te_then_cl": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+    ),
+    "two_different_content_lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: %d\r\n\r\nabcd%s"
+        % (4 + len(SMUGGLED), SMUGGLED)
+    ),
+    "non_numeric_content_length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4x\r\n\r\nabcd" + SMUGGLED,
+    "signed_content_length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\nabcd" + SMUGGLED,
+    "te_gzip_not_chunked": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabcd" + SMUGGLED,
+    "te_chunked_then_gzip": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n" + SMUGGLED
+    ),
+    "invalid_chunk_size": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n" + SMUGGLED
+    ),
+    "bare_lf_in_header": b"GET /echo HTTP/1.1\r\nHost: x\nX-Foo: bar\r\n\r\n" + SMUGGLED,
+    "bare_cr_in_header": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Foo: a\rb\r\n\r\n" + SMUGGLED,
+    "nul_in_header_value": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Foo: a\x00b\r\n\r\n" + SMUGGLED,
+    "obs_fold": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Foo: a\r\n b\r\n\r\n" + SMUGGLED,
+    "space_before_colon": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+}
+
+
+@pytest.mark.parametrize("payload", list(SMUGGLING_CASES.values()), ids=list(SMUGGLING_CASES))
+def test_smuggling_attempt_answered_400_and_closed(
+    backend_stub: Service,
+    proxy_factory: ProxyFactory,
+    raw_connection: Callable[..., RawHTTPConnection],
+    payload: bytes,
+) -> None:
+    proxy: ProxyService = proxy_factory(_config())
+    before = _backend_requests(backend_stub)
+    conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
+    conn.send(payload)
+    response = conn.read_response()
+    _assert_json_error(response, 400)
+    assert response.header("connection") == "close"
+    _assert_closed_after_response(conn)
+    # Only the second /stats request itself: neither the request nor the smuggled one reached the backend.
+    assert _backend_requests(backend_stub) - before == 1
+
+
+def test_valid_request_then_smuggling_attempt_on_same_connection(
+    backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Callable[..., RawHTTPConnection]
+) -> None:
+    """The complete request in front gets its real answer; the broken one behind it is never forwarded.
+
+    proxy/http1/protocol.py: a framing error is answered "after what is in flight" and the connection
+    closed; a broken request behind a streaming response "gets no answer". So after the first
+    response comes either one 400 error response or nothing, then the close.
+    """
+    proxy = proxy_factory(_config())
+    before = _backend_requests(backend_stub)
+    conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
+    conn.send(b"GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLING_CASES["cl_then_te"])
+    first = conn.read_response()
+    assert first.status == 200, f"the valid request in front was not answered normally: {first.raw[:300]!r}"
+    assert first.json()["path"] == "/echo/first"
+    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open after a framing error"
+    rest = conn.read_until_closed(0)
+    if rest:
+        parsed = parse_response(rest, eof=True)
+        assert parsed is not None and parsed[1] == len(rest), f"unexpected bytes after the response: {rest[:300]!r}"
+        _assert_json_error(parsed[0], 400)
+    # /echo/first and the second /stats; nothing else.
+    assert _backend_requests(backend_stub) - before == 2
+
+
+def test_gzip_then_chunked_is_not_forwarded(
+    backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Callable[..., RawHTTPConnection]
+) -> None:
+    """`Transfer-Encoding: gzip, chunked` is well framed but not supported: an error status, the close, no forward."""
+    proxy = proxy_factory(_config())
+    before = _backend_requests(backend_stub)
+    conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" + SMUGGLED)
+    response = conn.read_response()
+    assert response.status in (400, 501), response.raw[:500]
+    _assert_json_error(response, response.status)
+    _assert_closed_after_response(conn)
+    assert _backend_requests(backend_stub) - before == 1

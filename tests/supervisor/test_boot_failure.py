@@ -1,0 +1,65 @@
+"""Boot failures stop the supervisor with a clear message and a distinct exit code, never a restart loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack import ProxyFactory, Service
+from devstack.stack import PROJECT_ROOT
+from tests.supervisor.helpers import config, log_matches, worker_starts
+
+EXIT_BOOT_FAILURE = 3
+EXIT_BIND_FAILURE = 4
+
+
+@pytest.fixture
+def occupied_port() -> Iterator[int]:
+    """A port held by a listening socket WITHOUT SO_REUSEPORT (so nobody else can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("which", ["listen", "admin"])
+def test_port_in_use_exits_4_with_a_clear_message(
+    proxy_factory: ProxyFactory, backend_stub: Service, occupied_port: int, which: str
+) -> None:
+    port_arg = {"listen_port": occupied_port} if which == "listen" else {"admin_port": occupied_port}
+    proxy = proxy_factory(config(), workers=2, wait_ready=False, **port_arg)
+    status = proxy.wait(15.0)
+    log = proxy.read_log()
+    assert status == EXIT_BIND_FAILURE, log
+    lines = [line for line in log.splitlines() if "cannot listen" in line]
+    assert len(lines) == 1, log
+    assert "Address already in use" in lines[0], log
+    assert f"127.0.0.1:{occupied_port}" in lines[0], f"the message should name the address it could not bind:\n{log}"
+    assert worker_starts(proxy) == [], "no worker is started without listeners"
+    assert proxy.process.group_pids() == []
+
+
+def test_worker_boot_failure_stops_the_supervisor(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """A dependency only workers import (uvloop) is broken: each worker fails at boot; exit 3, no loop."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "uvloop.py").write_text('raise ImportError("uvloop is broken in this environment (test)")\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
+    proxy = proxy_factory(config(), workers=2, wait_ready=False, env=env)
+    status = proxy.wait(20.0)
+    log = proxy.read_log()
+    assert status == EXIT_BOOT_FAILURE, log
+    failed = log_matches(proxy, r"worker (\d+) \(slot \d\) failed to boot \(exit code \d+\): (.*); stopping")
+    assert failed, log
+    assert "ImportError: uvloop is broken in this environment (test)" in failed[0][2], log
+    starts = worker_starts(proxy)
+    assert 1 <= len(starts) <= 2 and all(s.generation == 1 for s in starts), f"no restart loop:\n{log}"
+    assert "restarting in" not in log and "uvgate ready" not in log
+    assert "supervisor exiting with code 3" in log
+    assert proxy.process.group_pids() == []

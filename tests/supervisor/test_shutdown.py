@@ -1,0 +1,146 @@
+"""SIGTERM drains: the request in flight completes (with Connection: close), then everything exits 0.
+
+Also the admin listener: /healthz, /readyz (200 serving, 503 draining), loopback by default.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+from devstack import ProxyFactory, RawHTTPConnection, Service, free_port, http_get
+from devstack.procfs import pid_alive
+from proxy.config import ServerConfig, load
+from tests.supervisor.helpers import (
+    admin,
+    api_body,
+    backend_requests,
+    children,
+    config,
+    listening_addresses,
+    wait_backend_received,
+    wait_for_log,
+    wait_until,
+)
+from tests.supervisor.load import LoadGenerator
+
+DELAY_MS = 2000
+
+
+def _start_delayed(conn: RawHTTPConnection, backend: Service) -> float:
+    """Send GET /delay?ms=DELAY_MS and wait until backend_stub holds it; returns when it was sent."""
+    before = backend_requests(backend)
+    sent = time.monotonic()
+    conn.request("GET", f"/delay?ms={DELAY_MS}")
+    wait_backend_received(backend, before)
+    return sent
+
+
+def test_sigterm_completes_the_request_in_flight_then_exits_0(
+    proxy_factory: ProxyFactory, backend_stub: Service
+) -> None:
+    proxy = proxy_factory(config(drain_timeout="10s"), workers=2)
+    workers = children(proxy)
+    assert len(workers) == 2
+    with RawHTTPConnection(proxy.host, proxy.port, timeout=10.0) as conn:
+        sent = _start_delayed(conn, backend_stub)
+        proxy.send_signal(signal.SIGTERM)
+        wait_for_log(proxy, r"SIGTERM: draining")
+        assert proxy.exit_status() is None, "the supervisor waits for the request in flight"
+        response = conn.read_response(timeout=10.0)
+        elapsed = time.monotonic() - sent
+        assert response.status == 200, response
+        assert response.body == api_body(backend_stub)
+        assert (response.header("connection") or "").lower() == "close", response.headers
+        assert elapsed >= DELAY_MS / 1000 * 0.9, f"answered after {elapsed:.2f}s: not the delayed response?"
+        assert conn.closed_by_peer(5.0), "the draining worker closes the connection after the response"
+    assert proxy.wait(15.0) == 0, proxy.read_log()
+    log = proxy.read_log()
+    assert "supervisor exiting with code 0" in log
+    for pid in workers:
+        assert f"worker {pid} (slot" in log and not pid_alive(pid)
+    assert "drain_timeout reached" not in log and "did not stop in time" not in log
+    assert proxy.process.group_pids() == [], "no worker process remains"
+
+
+def test_sigterm_under_load_ends_connections_cleanly(proxy_factory: ProxyFactory, backend_stub: Service) -> None:
+    """Keep-alive clients see Connection: close on their last response, never a reset, while the proxy drains."""
+    proxy = proxy_factory(config(), workers=2)
+    load = LoadGenerator(proxy.host, proxy.port, connections=4, duration=3.0, expect_body=api_body(backend_stub))
+    with load:
+        load.wait_for_successes(200)
+        stopped_at = time.monotonic()
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(15.0) == 0, proxy.read_log()
+        load.stop()
+    result = load.join()
+    before_stop = [f for f in result.failures if f.at < stopped_at]
+    assert before_stop == [], result.summary()
+    # Clients that reconnect after Connection: close land in an accept queue nobody serves any more; when
+    # the supervisor exits it closes the listeners, so those fresh connections are refused or reset (at
+    # connect, send or receive). That is inherent to stopping. What must not happen is a keep-alive
+    # connection that a draining worker was serving being dropped under a request.
+    never_served = {"connect", "send", "reset", "eof"}
+    dropped = [f for f in result.failures if f.request_on_conn > 0 or f.kind not in never_served]
+    assert dropped == [], result.summary()
+    assert result.server_closes > 0, result.summary()
+
+
+def test_admin_healthz_and_readyz_while_serving_and_draining(
+    proxy_factory: ProxyFactory, backend_stub: Service
+) -> None:
+    proxy = proxy_factory(config(drain_timeout="10s"), workers=2)
+    assert admin(proxy, "/healthz") == (200, {"status": "alive"})
+    status, body = admin(proxy, "/readyz")
+    assert status == 200 and body["ready"] is True and body["draining"] is False and body["workers"] == 2, body
+    assert admin(proxy, "/nope")[0] == 404
+
+    with RawHTTPConnection(proxy.host, proxy.port, timeout=10.0) as conn:
+        _start_delayed(conn, backend_stub)
+        proxy.send_signal(signal.SIGTERM)
+
+        def draining() -> tuple[int, dict[str, object]] | None:
+            answer = admin(proxy, "/readyz")
+            return answer if answer[0] == 503 else None
+
+        status, body = wait_until(draining, 1.5, "/readyz 503 while draining", proxy)
+        assert body["ready"] is False and body["draining"] is True, body
+        assert proxy.exit_status() is None, "still draining the request in flight"
+        assert admin(proxy, "/healthz")[0] == 200, "alive while draining"
+        response = conn.read_response(timeout=10.0)
+        assert response.status == 200, response
+    assert proxy.wait(15.0) == 0, proxy.read_log()
+
+
+def test_admin_listener_is_loopback_by_default(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    # Not configured at all: 127.0.0.1.
+    assert ServerConfig().admin_listen.host == "127.0.0.1"
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[upstreams.b]\nservers = ["127.0.0.1:1"]\n[[routes]]\nprefix = "/"\nupstream = "b"\n')
+    assert load(str(bare), env={}).server.admin_listen.host == "127.0.0.1"
+
+    # Configured with a port only (UVGATE_ADMIN_LISTEN=":PORT"): the running supervisor binds loopback only.
+    port = free_port()
+    proxy = proxy_factory(config(), workers=1, admin_port=port, env={"UVGATE_ADMIN_LISTEN": f":{port}"})
+    assert http_get(proxy.admin_url + "/healthz")[0] == 200
+    assert listening_addresses(port) == {("127.0.0.1", port)}
+    other = _non_loopback_ipv4()
+    if other is not None:
+        with socket.socket() as sock:
+            sock.settimeout(2.0)
+            assert sock.connect_ex((other, port)) != 0, f"admin reachable on {other}:{port}"
+
+
+def _non_loopback_ipv4() -> str | None:
+    """A non-loopback IPv4 address of this host, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects a route
+        except OSError:
+            return None
+        address: str = sock.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
