@@ -154,8 +154,8 @@ class HttpProtocol(asyncio.Protocol):
         "linger_deadline",
         "n_headers",
         "out",
-        "parser",
         "parse_failed",
+        "parser",
         "paused_since",
         "queue",
         "read_paused",
@@ -512,12 +512,7 @@ class HttpProtocol(asyncio.Protocol):
         if exchange.response_started or self.transport is None:
             self.abort()  # a response is half-sent: the client must see the failure
             return
-        keep = (
-            exchange.keep_alive
-            and not error.close
-            and not self.state.draining
-            and not self.closing
-        )
+        keep = exchange.keep_alive and not error.close and not self.state.draining and not self.closing
         self.out.clear()
         exchange.status = error.status
         self.transport.write(error_response(error.status, error.detail, exchange.request_id, close=not keep))
