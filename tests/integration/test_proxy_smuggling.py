@@ -10,13 +10,13 @@ once, so a delta of exactly 1 means nothing reached the backend through the prox
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, http_get
-from devstack.rawhttp import parse_response
 
 IO_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0
@@ -103,30 +103,51 @@ def test_smuggling_attempt_answered_400_and_closed(
     assert _backend_requests(backend_stub) - before == 1
 
 
-def test_valid_request_then_smuggling_attempt_on_same_connection(
+def test_valid_requests_then_smuggling_attempt_on_same_connection(
     backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Callable[..., RawHTTPConnection]
 ) -> None:
-    """The complete request in front gets its real answer; the broken one behind it is never forwarded.
+    """Complete requests pipelined in front of a broken one get their real answers, in order; then the 400.
 
-    proxy/http1/protocol.py: a framing error is answered "after what is in flight" and the connection
-    closed; a broken request behind a streaming response "gets no answer". So after the first
-    response comes either one 400 error response or nothing, then the close.
+    proxy/http1/protocol.py `_protocol_error`: "answer what came before it, then the error; close".
     """
     proxy = proxy_factory(_config())
     before = _backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
-    conn.send(b"GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLING_CASES["cl_then_te"])
-    first = conn.read_response()
-    assert first.status == 200, f"the valid request in front was not answered normally: {first.raw[:300]!r}"
-    assert first.json()["path"] == "/echo/first"
-    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open after a framing error"
-    rest = conn.read_until_closed(0)
-    if rest:
-        parsed = parse_response(rest, eof=True)
-        assert parsed is not None and parsed[1] == len(rest), f"unexpected bytes after the response: {rest[:300]!r}"
-        _assert_json_error(parsed[0], 400)
-    # /echo/first and the second /stats; nothing else.
-    assert _backend_requests(backend_stub) - before == 2
+    valid = b"".join(b"GET /echo/valid-%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3))
+    conn.send(valid + SMUGGLING_CASES["cl_then_te"])
+    for i in range(3):
+        response = conn.read_response()
+        assert response.status == 200, f"valid request {i} was not answered normally: {response.raw[:300]!r}"
+        assert response.json()["path"] == f"/echo/valid-{i}"
+    _assert_json_error(conn.read_response(), 400)
+    _assert_closed_after_response(conn)
+    # The three valid requests and the second /stats; nothing else.
+    assert _backend_requests(backend_stub) - before == 4
+
+
+def test_smuggling_attempt_behind_a_streaming_response(
+    backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Callable[..., RawHTTPConnection]
+) -> None:
+    """A broken request arriving while the response in front is streaming: that response completes, then 400."""
+    proxy = proxy_factory(_config())
+    before = _backend_requests(backend_stub)
+    conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
+    conn.send(b"GET /drip?bytes=3000&chunks=3&interval_ms=200 HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + IO_TIMEOUT
+    while b"\r\n\r\n" not in conn.buffer:  # wait for the response head: the response is streaming
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "no response head in time"
+        conn.sock.settimeout(remaining)
+        data = conn.sock.recv(65536)
+        assert data, "connection closed before the response head"
+        conn.buffer += data
+    conn.send(SMUGGLING_CASES["te_then_cl"])
+    streamed = conn.read_response()
+    assert streamed.status == 200
+    assert streamed.body == (b"0123456789abcdef" * 188)[:3000]
+    _assert_json_error(conn.read_response(), 400)
+    _assert_closed_after_response(conn)
+    assert _backend_requests(backend_stub) - before == 2  # /drip and the second /stats
 
 
 def test_gzip_then_chunked_is_not_forwarded(
