@@ -3,9 +3,10 @@
 Theory of operation: one `tick` timer per worker replaces per-request timers. Each tick refreshes
 `now` (the clock every deadline in the worker is measured against), asks every downstream
 connection to enforce its deadlines, lets the upstream pools expire idle connections, and calls
-the heartbeat hook. Deadlines are therefore enforced within one tick interval, chosen from the
-smallest configured timeout. `drain` flips `draining`: responses then carry `Connection: close`
-and idle connections are closed after `drain_idle_grace`; `drained` resolves when none is left.
+the heartbeat hook. The tick interval is a quarter of the smallest configured timeout; deadlines
+fire never early and at most two intervals late (see `HttpProtocol.check`). `drain` flips
+`draining`: responses then carry `Connection: close` and idle connections are closed after
+`drain_idle_grace`; `drained` resolves when none is left.
 """
 
 from __future__ import annotations

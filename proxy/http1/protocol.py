@@ -624,7 +624,12 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def check(self, now: float) -> None:
-        """Enforce deadlines; called by the worker tick."""
+        """Enforce deadlines; called by the worker tick.
+
+        Stamps and deadlines are taken from the coarse clock (`state.now`, up to one tick old), so
+        they are compared with `now` less one tick: a timeout never fires early, at most a tick late.
+        """
+        now -= self.state.tick_interval
         if self.closing:
             if self.linger_deadline and now > self.linger_deadline and self.transport is not None:
                 self.transport.close()
