@@ -1,14 +1,17 @@
-"""`python -m bench` (`make bench`): wrk straight to backend_stub vs through the proxy, in one run.
+"""`python -m bench` (`make bench`): wrk straight to backend_stub, through nginx and through the proxy.
 
-Starts backend_stub (1 worker) and the proxy (1 worker, configs/bench.toml) through devstack. With
-2+ CPUs the proxy (supervisor and worker) is pinned to CPU 0 and backend_stub and wrk to CPU 1.
-Scenarios alternate run by run so drift hits both alike; each measured run follows a short warm-up.
-Prints one table and writes every number to bench/results/<UTC timestamp>.json.
+Starts backend_stub (1 worker), nginx (1 worker, the reference; skipped with a note when nginx is not
+installed) and the proxy (1 worker, configs/bench.toml) through devstack. With 2+ CPUs the proxy
+(supervisor and worker) and nginx (master and worker) are pinned to CPU 0, backend_stub and wrk to
+CPU 1. Scenarios alternate run by run (direct, nginx, proxy) so drift hits all alike; each measured
+run follows a short warm-up. Prints one table and writes every number to
+bench/results/<UTC timestamp>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -18,12 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import RunRecord, format_mib, format_table, rps_ratio, summarize
+from bench.cpu import CpuTimes, tree_cpu_times
+from bench.nginx import NGINX_MISSING, find_nginx, nginx_version, start_nginx
+from bench.report import RunRecord, format_mib, format_ratios, format_table, ratios, summarize
 from bench.wrk_runner import duration_seconds, find_wrk, run_wrk, wrk_version
 from devstack import PROJECT_ROOT, ProxyService, Service, Stack, StackError, http_get
 from devstack.procfs import rss_bytes, tree_cpu_seconds
 
-SCENARIOS = ("direct", "proxy")
+SCENARIOS = ("direct", "nginx", "proxy")
+"""In the order they run within each round."""
 PATH = "/api/resource"
 
 INSTALL_WRK = """\
@@ -36,7 +42,7 @@ wrk is not installed; the benchmark needs it as the load generator.
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="wrk: backend_stub direct vs through the proxy"
+        prog="python -m bench", description="wrk: backend_stub direct vs through nginx vs through the proxy"
     )
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="default: all")
     parser.add_argument("--duration", default="10s", help="wrk -d per measured run (default 10s)")
@@ -49,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench" / "results", help="JSON output")
     return parser
+
+
+def plan_scenarios(choice: str, nginx: str | None) -> tuple[tuple[str, ...], str | None]:
+    """The scenarios to run for `--scenario choice`, and a note when nginx has to be left out."""
+    wanted = SCENARIOS if choice == "all" else (choice,)
+    if "nginx" in wanted and nginx is None:
+        return tuple(s for s in wanted if s != "nginx"), NGINX_MISSING
+    return wanted, None
 
 
 def _workers_rss(proxy: ProxyService) -> dict[str, int | None]:
@@ -66,26 +80,53 @@ def _check(url: str) -> None:
         raise StackError(f"GET {url} answered {status}, not 200: {body[:200]!r}")
 
 
-def run(args: argparse.Namespace, wrk: str) -> int:
+def _exited(service: Service, what: str) -> StackError:
+    return StackError(f"{what} exited during the benchmark; log {service.log_path}:\n{service.process.log_tail()}")
+
+
+def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None) -> int:
     """Start the stack, run the scenarios, print the table, write the JSON."""
-    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    scenarios, note = plan_scenarios(args.scenario, nginx_binary)
+    if note is not None:
+        print(note, flush=True)
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     proxy_cpus, load_cpus = ([0], [1]) if pin else (None, None)
     records: list[RunRecord] = []
     rss: dict[str, Any] = {}
-    with Stack() as stack:
+    nginx_info: dict[str, Any] = {"binary": nginx_binary, "version": None, "skipped": note}
+    with Stack() as stack, contextlib.ExitStack() as cleanup:
         backend: Service = stack.start_backend(workers=1, cpus=load_cpus)
+        nginx: Service | None = None
+        if "nginx" in scenarios and nginx_binary is not None:
+            nginx_info["version"] = nginx_version(nginx_binary)
+            nginx = start_nginx(
+                nginx_binary,
+                backend=backend.address,
+                run_dir=stack.run_dir / "nginx",
+                probe_path=PATH,
+                host=stack.host,
+                cpus=proxy_cpus,
+                env=stack.env,
+                startup_timeout=stack.startup_timeout,
+            )
+            cleanup.callback(nginx.stop)
         proxy: ProxyService | None = None
         if "proxy" in scenarios:
             proxy = stack.start_proxy(args.config, workers=args.proxy_workers, cpus=proxy_cpus)
             rss["initial"] = _workers_rss(proxy)
-        urls = {"direct": backend.url + PATH, "proxy": (proxy.url if proxy else "") + PATH}
+        servers = {name: svc for name, svc in (("nginx", nginx), ("proxy", proxy)) if svc is not None}
+        urls = {"direct": backend.url + PATH, **{name: svc.url + PATH for name, svc in servers.items()}}
         for scenario in scenarios:
             _check(urls[scenario])
         print(f"backend_stub {backend.url} (pid {backend.pid})", flush=True)
+        if nginx is not None:
+            version = nginx_info["version"]
+            print(f"nginx        {nginx.url} (pid {nginx.pid}, workers {nginx.children()}, {version})", flush=True)
         if proxy is not None:
             print(f"proxy        {proxy.url} (pid {proxy.pid}, workers {proxy.children()})", flush=True)
-        print(f"pinning: {'proxy on CPU 0, backend and wrk on CPU 1' if pin else 'off'}", flush=True)
+        on_cpu0 = " and ".join(name for name in ("proxy", "nginx") if name in servers)
+        placement = (f"{on_cpu0} on CPU 0, " if on_cpu0 else "") + "backend and wrk on CPU 1"
+        print(f"pinning: {placement if pin else 'off'}", flush=True)
         for index in range(args.runs):
             for scenario in scenarios:
                 url = urls[scenario]
@@ -94,31 +135,40 @@ def run(args: argparse.Namespace, wrk: str) -> int:
                 )
                 if scenario == "proxy" and proxy is not None and "start" not in rss:
                     rss["start"] = _workers_rss(proxy)
-                proxy_before = tree_cpu_seconds(proxy.pid) if proxy is not None else 0.0
+                server = servers.get(scenario)
+                server_before = tree_cpu_times(server.pid) if server is not None else None
                 backend_before = tree_cpu_seconds(backend.pid)
                 result = run_wrk(
                     wrk, url, duration=args.duration, connections=args.connections, threads=args.threads, cpus=load_cpus
                 )
                 backend_cpu = tree_cpu_seconds(backend.pid) - backend_before
-                proxy_cpu = tree_cpu_seconds(proxy.pid) - proxy_before if proxy is not None else None
-                record = RunRecord(scenario, index, result, proxy_cpu if scenario == "proxy" else None, backend_cpu)
+                server_cpu: CpuTimes | None = None
+                if server is not None and server_before is not None:
+                    server_cpu = tree_cpu_times(server.pid) - server_before
+                record = RunRecord(scenario, index, result, server_cpu, backend_cpu)
                 records.append(record)
+                cpu = record.proxy_cpu_us_per_req
                 print(
                     f"  run {index + 1}/{args.runs} {scenario:<6} {result.rps:>10,.0f} req/s  "
-                    f"p50 {result.p50_us:,.0f} µs  p99 {result.p99_us:,.0f} µs  errors {result.total_errors}",
+                    f"p50 {result.p50_us:,.0f} µs  p99 {result.p99_us:,.0f} µs  errors {result.total_errors}"
+                    + (f"  CPU {cpu:,.1f} µs/req" if cpu is not None else ""),
                     flush=True,
                 )
         if proxy is not None:
             rss["end"] = _workers_rss(proxy)
             if not proxy.running:
-                raise StackError(f"the proxy exited during the benchmark:\n{proxy.process.log_tail()}")
+                raise _exited(proxy, "the proxy")
+        if nginx is not None and not nginx.running:
+            raise _exited(nginx, "nginx")
 
     summaries = summarize(records)
-    ratio = rps_ratio(summaries)
+    ratio_values = ratios(summaries)
     print()
     print(format_table(summaries))
-    if ratio is not None:
-        print(f"\nproxy RPS / direct RPS: {ratio:.2f}")
+    footer = format_ratios(summaries)
+    if footer:
+        print()
+        print("\n".join(footer))
     if "start" in rss:
         start, end = _sum_rss(rss["start"]), _sum_rss(rss["end"])
         growth = format_mib(end - start) if start is not None and end is not None else "-"
@@ -143,8 +193,10 @@ def run(args: argparse.Namespace, wrk: str) -> int:
             "config": str(args.config),
             "pinned": pin,
         },
+        "nginx": nginx_info,
         "summary": [s.as_dict() for s in summaries],
-        "proxy_over_direct_rps": ratio,
+        "ratios": ratio_values,
+        "proxy_over_direct_rps": ratio_values["proxy_over_direct_rps"],
         "proxy_worker_rss_bytes": rss,
         "runs": [r.as_dict() for r in records],
     }
@@ -156,7 +208,7 @@ def run(args: argparse.Namespace, wrk: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: exit 2 when wrk is missing or the arguments are invalid."""
+    """Entry point: exit 2 when wrk (or nginx for `--scenario nginx`) is missing or the arguments are invalid."""
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("duration", "warmup"):
@@ -170,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if wrk is None:
         print(INSTALL_WRK, file=sys.stderr)
         return 2
+    nginx = find_nginx()
+    if nginx is None and args.scenario == "nginx":
+        print(NGINX_MISSING, file=sys.stderr)
+        return 2
     try:
-        return run(args, wrk)
+        return run(args, wrk, nginx)
     except (StackError, RuntimeError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -91,6 +91,7 @@ class Http1Settings:
     __slots__ = (
         "body_timeout",
         "drain_idle_grace",
+        "gateway",
         "header_timeout",
         "keepalive_timeout",
         "lingering_timeout",
@@ -107,6 +108,8 @@ class Http1Settings:
     )
 
     def __init__(self, state: WorkerState) -> None:
+        assert state.gateway is not None, "the gateway is built before the protocols"
+        self.gateway = state.gateway
         s = state.config.server
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -401,7 +404,7 @@ class HttpProtocol(asyncio.Protocol):
             self.body_deadline = state.now + settings.body_timeout
         if self.active is None:
             self.active = exchange
-            self._dispatch(exchange)
+            settings.gateway.handle(exchange)
         else:
             self.queue.append(exchange)
             self._pause(_PAUSE_PIPELINE)
@@ -520,11 +523,6 @@ class HttpProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ pipeline
 
-    def _dispatch(self, exchange: Exchange) -> None:
-        gateway = self.state.gateway
-        assert gateway is not None
-        gateway.handle(exchange)
-
     def _finish_response(self, exchange: Exchange, keep: bool) -> None:
         self.active = None
         exchange.phase = PHASE_DONE
@@ -539,10 +537,10 @@ class HttpProtocol(asyncio.Protocol):
             self.active = nxt
             if not self.queue:
                 self._resume(_PAUSE_PIPELINE)
-            self._dispatch(nxt)
+            self.settings.gateway.handle(nxt)
         elif self.deferred_error is not None:
             self._answer_and_close(self.deferred_error)
-        else:
+        elif self.read_paused:
             self._resume(_PAUSE_PIPELINE)
 
     def _log(self, exchange: Exchange) -> None:

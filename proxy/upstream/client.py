@@ -367,7 +367,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             self.reset_parser = False
         if self.keep_alive and exchange.body_done and not self.closed:
-            self.cluster.release(self.server, self, self.state.now)
+            if self.cluster.waiters:
+                self.cluster.release(self.server, self, self.state.now)
+            else:  # the common case, inlined: back to the idle stack
+                self.idle_since = self.state.now
+                self.server.idle.append(self)
         else:
             self.close()
         exchange.downstream.exchange_upstream_done(exchange)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.__main__ import main
+from bench.cpu import CpuTimes
 from bench.report import RunRecord, format_table, rps_ratio, summarize
 from bench.wrk_runner import REPORT_LUA, WrkResult, duration_seconds, parse_wrk_output
 
@@ -56,11 +57,11 @@ def test_duration_seconds_rejects(text: str) -> None:
 def test_summarize_medians_and_ratio() -> None:
     records = [
         RunRecord("direct", 0, _result(1000, 50), None, 0.010),
-        RunRecord("proxy", 0, _result(400, 120, errors=1), 0.020, 0.004),
+        RunRecord("proxy", 0, _result(400, 120, errors=1), CpuTimes(0.015, 0.005), 0.004),
         RunRecord("direct", 1, _result(1200, 40), None, 0.012),
-        RunRecord("proxy", 1, _result(600, 100), 0.030, 0.006),
+        RunRecord("proxy", 1, _result(600, 100), CpuTimes(0.020, 0.010), 0.006),
         RunRecord("direct", 2, _result(1100, 45), None, 0.011),
-        RunRecord("proxy", 2, _result(500, 110, errors=2), 0.025, 0.005),
+        RunRecord("proxy", 2, _result(500, 110, errors=2), CpuTimes(0.020, 0.005), 0.005),
     ]
     direct, proxy = summarize(records)
     assert (direct.scenario, direct.runs, direct.rps, direct.p50_us) == ("direct", 3, 1100, 45)
@@ -68,12 +69,15 @@ def test_summarize_medians_and_ratio() -> None:
     assert direct.backend_cpu_us_per_req == pytest.approx(10.0)
     assert (proxy.rps, proxy.errors) == (500, 3)
     assert proxy.proxy_cpu_us_per_req == pytest.approx(50.0)
+    assert proxy.proxy_user_us_per_req == pytest.approx(37.5)  # medians of 37.5, 33.3, 40.0
+    assert proxy.proxy_system_us_per_req == pytest.approx(12.5)  # medians of 12.5, 16.7, 10.0
     assert rps_ratio([direct, proxy]) == pytest.approx(500 / 1100)
     assert rps_ratio([proxy]) is None
     table = format_table([direct, proxy]).splitlines()
     assert table[0].split()[:3] == ["scenario", "runs", "RPS"]
     assert table[2].split()[:3] == ["direct", "3", "1,100"] and table[2].split()[6] == "-"
-    assert table[3].split()[6] == "50.0"
+    assert table[2].split()[6:] == ["-", "-", "-", "10.0"]
+    assert table[3].split()[6:] == ["50.0", "37.5", "12.5", "10.0"]
     assert len({len(line) for line in table}) == 1, "columns are aligned"
 
 
