@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from proxy.errors import ProxyError
     from proxy.upstream.client import UpstreamConnection
+    from proxy.upstream.pool import Cluster
 
 
 class Phase(IntEnum):
@@ -45,6 +46,8 @@ BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = BodyKind
 
 class Downstream(Protocol):
     """What the upstream client calls back on; implemented by each downstream protocol."""
+
+    write_paused: bool  # the client is not keeping up: upstream reading must stay paused
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
         """The upstream response head, hop-by-hop lines removed (`head` excludes the final CRLF CRLF)."""
@@ -107,6 +110,7 @@ class Exchange:
         "status",
         "target",
         "upstream",
+        "waiting_on",
     )
 
     def __init__(
@@ -141,6 +145,7 @@ class Exchange:
         self.response_started = False
         self.retried = False
         self.attempts = 0  # upstream connect attempts
+        self.waiting_on: Cluster | None = None  # the cluster whose queue holds this exchange
         self.status = 0  # response status sent to the client
         self.server: object = None  # address of the upstream server that took the request
         self.started = 0.0  # loop time the head was parsed (set when something measures latency)

@@ -397,6 +397,8 @@ class Supervisor:
         for w in reload.workers:
             if w.pid in self.workers:
                 self.stop_worker(w, signal.SIGKILL)
+        for slot in self.slots[self.config.server.workers :]:
+            slot.sock.close()  # added for the new generation: nothing ever served it
         del self.slots[self.config.server.workers :]
         sd_notify(self.notify_socket, "READY=1\nSTATUS=serving (reload failed)")
 

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from proxy.server import WorkerState
 
 # Request headers the proxy handles itself instead of forwarding as they are.
-_HOST, _LENGTH, _TE, _CONNECTION, _HOP, _EXPECT, _XFF, _DROP, _REQUEST_ID = range(1, 10)
+_HOST, _LENGTH, _TE, _CONNECTION, _HOP, _EXPECT, _XFF, _DROP, _REQUEST_ID, _UPGRADE = range(1, 11)
 _BASE_SPECIAL = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -65,7 +65,7 @@ _BASE_SPECIAL = {
     b"proxy-connection": _HOP,
     b"te": _HOP,
     b"trailer": _HOP,
-    b"upgrade": _HOP,
+    b"upgrade": _UPGRADE,
     b"proxy-authorization": _HOP,
     b"expect": _EXPECT,
     b"x-forwarded-for": _XFF,
@@ -146,6 +146,7 @@ class HttpProtocol(asyncio.Protocol):
         "h_length",
         "h_request_id",
         "h_te",
+        "h_upgrade",
         "h_xff",
         "head_deadline",
         "head_raw",
@@ -216,6 +217,7 @@ class HttpProtocol(asyncio.Protocol):
         self.h_expect: bytes | None = None
         self.h_xff: bytes | None = None
         self.h_request_id: bytes | None = None
+        self.h_upgrade = False
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -234,24 +236,29 @@ class HttpProtocol(asyncio.Protocol):
             return  # lingering close, or the stream is beyond repair: discard
         if self.in_head:
             self.head_raw += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            error = exc.__context__
-            if not isinstance(error, ProxyError):
-                raise
-            self._protocol_error(error)
-            return
-        except httptools.HttpParserUpgrade as exc:
-            # An Upgrade request was answered as plain HTTP (Upgrade is hop-by-hop and never forwarded);
-            # what follows it is the next request.
-            offset = int(exc.args[0])
-            if offset < len(data):
-                self.data_received(data[offset:])
-            return
-        except httptools.HttpParserError as exc:
-            self._protocol_error(BadRequest(str(exc) or "malformed_request"))
-            return
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                error = exc.__context__
+                if isinstance(error, _StopParsing):
+                    return
+                if not isinstance(error, ProxyError):
+                    raise
+                self._protocol_error(error)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                # An Upgrade request (without a body: see on_headers_complete) was answered as plain
+                # HTTP, Upgrade being hop-by-hop; what follows it is the next request.
+                offset = int(exc.args[0])
+                if offset >= len(data) or self.closing or self.parse_failed:
+                    return
+                data = data[offset:]
+                continue
+            except httptools.HttpParserError as exc:
+                self._protocol_error(BadRequest(str(exc) or "malformed_request"))
+                return
+            break
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
 
@@ -297,6 +304,8 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.closing or self.parse_failed:
+            raise _StopParsing()  # answered and closing: nothing after this is read
         self.in_head = True
         self.head_raw = 0
         self.head_deadline = self.state.now + self.settings.header_timeout
@@ -306,6 +315,7 @@ class HttpProtocol(asyncio.Protocol):
         self.header_bytes = 0
         self.h_host = self.h_length = self.h_te = self.h_connection = None
         self.h_expect = self.h_xff = self.h_request_id = None
+        self.h_upgrade = False
 
     def on_url(self, url: bytes) -> None:
         self.url = self.url + url if self.url else url
@@ -313,6 +323,8 @@ class HttpProtocol(asyncio.Protocol):
             raise HeadersTooLarge("uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer fields: never forwarded, never taken for headers
         self.header_bytes += len(name) + len(value) + 4
         self.n_headers += 1
         if self.n_headers > self.settings.max_header_count or self.header_bytes > self.settings.max_header_bytes:
@@ -327,7 +339,7 @@ class HttpProtocol(asyncio.Protocol):
         elif kind == _LENGTH:
             self.h_length = value
         elif kind == _TE:
-            self.h_te = value
+            self.h_te = value if self.h_te is None else self.h_te + b", " + value
         elif kind == _CONNECTION:
             self.h_connection = value if self.h_connection is None else self.h_connection + b"," + value
         elif kind == _XFF:
@@ -337,6 +349,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.h_request_id = value
         elif kind == _EXPECT:
             self.h_expect = value
+        elif kind == _UPGRADE:
+            self.h_upgrade = True
         # _HOP and _DROP: not forwarded
 
     def on_headers_complete(self) -> None:
@@ -350,6 +364,8 @@ class HttpProtocol(asyncio.Protocol):
             raise VersionNotSupported()
         self.http11 = http11
         method = parser.get_method()
+        if method == b"CONNECT":
+            raise NotImplementedByProxy("connect_not_supported")
         # Framing: llhttp already rejected CL+TE, duplicate or malformed Content-Length and bad TE lists.
         length = -1
         if self.h_te is not None:
@@ -368,10 +384,15 @@ class HttpProtocol(asyncio.Protocol):
             kind = BODY_LENGTH if length else BODY_NONE
         else:
             kind = BODY_NONE
+        if self.h_upgrade and kind is not BODY_NONE:
+            # llhttp would take the body for the upgraded protocol's bytes; we never upgrade.
+            raise BadRequest("upgrade_with_body")
         target = self.url
         host = self.h_host
         if target[:1] != b"/":
             target, host = _non_origin_target(method, target, host)
+        if b"/." in target or b"%2" in target:
+            _check_dot_segments(target)
         if host is None:
             if http11:
                 raise BadRequest("missing_host")
@@ -442,7 +463,7 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ Downstream (called by upstream)
 
     def upstream_ready(self, exchange: Exchange) -> None:
-        self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
+        self._resume(_PAUSE_BODY_BUFFER)  # an upstream write may pause reading again right after
         if exchange.expect_continue and not exchange.body_done and self.transport is not None:
             exchange.expect_continue = False
             self.transport.write(_CONTINUE)
@@ -510,15 +531,20 @@ class HttpProtocol(asyncio.Protocol):
     def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
         if exchange is not self.active or (exchange.phase is PHASE_DONE and exchange.response_started):
             return
-        self._abandon_upstream(exchange)
+        self._abandon_upstream(exchange, timed_out=isinstance(error, GatewayTimeout))
         exchange.phase = PHASE_DONE
-        if exchange.response_started or self.transport is None:
+        if exchange.response_started or self.transport is None or self.closing:
             self.abort()  # a response is half-sent: the client must see the failure
             return
-        keep = exchange.keep_alive and not error.close and not self.state.draining and not self.closing
+        keep = exchange.keep_alive and not error.close and not self.state.draining
+        if exchange.expect_continue and not exchange.body_done:
+            keep = False  # the client may never send the body it was waiting to be asked for
         self.out.clear()
         exchange.status = error.status
-        self.transport.write(error_response(error.status, error.detail, exchange.request_id, close=not keep))
+        extra = b"" if self.http11 or not keep else _KEEP_ALIVE_LINE
+        self.transport.write(
+            error_response(error.status, error.detail, exchange.request_id, close=not keep, extra=extra)
+        )
         self._finish_response(exchange, keep)
 
     # ------------------------------------------------------------------ pipeline
@@ -526,12 +552,17 @@ class HttpProtocol(asyncio.Protocol):
     def _finish_response(self, exchange: Exchange, keep: bool) -> None:
         self.active = None
         exchange.phase = PHASE_DONE
+        if exchange.pending_body:
+            exchange.pending_body.clear()
+            exchange.pending_bytes = 0
         if self.state.access_log is not None:
             self._log(exchange)
         if not keep or self.closing:
             self._close()
             return
         self.idle_since = self.state.now
+        # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
+        self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
         if self.queue:
             nxt = self.queue.popleft()
             self.active = nxt
@@ -556,16 +587,18 @@ class HttpProtocol(asyncio.Protocol):
             protocol="HTTP/1.1" if self.http11 else "HTTP/1.0",
         )
 
-    def _abandon_upstream(self, exchange: Exchange) -> None:
+    def _abandon_upstream(self, exchange: Exchange, timed_out: bool = False) -> None:
         """Detach `exchange` from whatever upstream resource it holds or waits for."""
         phase = exchange.phase
         upstream = exchange.upstream
         if phase is PHASE_WAIT_CONNECTION:
-            exchange.phase = PHASE_DONE  # skipped lazily by the cluster's waiter queue
+            if exchange.waiting_on is not None:
+                exchange.waiting_on.cancel_waiter(exchange)
+            exchange.phase = PHASE_DONE
         elif phase is PHASE_CONNECTING:
             exchange.phase = PHASE_DONE
             if upstream is not None:
-                upstream.cancel_connect()
+                upstream.cancel_connect(timed_out)
         elif phase is PHASE_WAIT_RESPONSE and upstream is not None:
             upstream.abort_exchange()
         exchange.upstream = None
@@ -580,6 +613,7 @@ class HttpProtocol(asyncio.Protocol):
         answered, that exchange is failed (or aborted, if its response already started).
         """
         self.parse_failed = True
+        self.in_head = False
         self._pause(_PAUSE_PIPELINE)
         reading = self.reading
         self.reading = None
@@ -595,7 +629,7 @@ class HttpProtocol(asyncio.Protocol):
             self.deferred_error = error
 
     def _answer_and_close(self, error: ProxyError) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.closing:
             return
         self.out.clear()
         self.transport.write(error_response(error.status, error.detail, self.state.next_request_id(), close=True))
@@ -611,9 +645,9 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.clear()
         self.reading = None
         self._resume(_PAUSE_PIPELINE | _PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
+        self.linger_deadline = self.state.now + self.settings.lingering_timeout
         if transport.can_write_eof():
             transport.write_eof()
-            self.linger_deadline = self.state.now + self.settings.lingering_timeout
         else:
             transport.close()
 
@@ -628,32 +662,41 @@ class HttpProtocol(asyncio.Protocol):
         they are compared with `now` less one tick: a timeout never fires early, at most a tick late.
         """
         now -= self.state.tick_interval
+        transport = self.transport
+        if transport is None:
+            return
         if self.closing:
-            if self.linger_deadline and now > self.linger_deadline and self.transport is not None:
-                self.transport.close()
+            if now > self.linger_deadline:
+                transport.abort()  # lingered long enough, or the client never reads what is left
             return
-        if self.in_head and now > self.head_deadline:
-            self._protocol_error(RequestTimeout("header_timeout"))
+        settings = self.settings
+        if self.write_paused and now - self.paused_since > settings.send_timeout:
+            self.abort()  # the client reads nothing of what we send
             return
-        if self.reading is not None and now > self.body_deadline:
-            self._protocol_error(RequestTimeout("body_timeout"))
-            return
+        # While the proxy itself holds reading paused, the client cannot be late with its bytes.
+        if not self.read_paused and not self.parse_failed:
+            if self.in_head and now > self.head_deadline:
+                self._protocol_error(RequestTimeout("header_timeout"))
+                return
+            if self.reading is not None and now > self.body_deadline:
+                self._protocol_error(RequestTimeout("body_timeout"))
+                return
         exchange = self.active
         if exchange is not None:
             if now > exchange.deadline and exchange.phase is not PHASE_DONE and exchange.phase is not PHASE_ROUTING:
                 self._upstream_timeout(exchange)
-            elif self.write_paused and now - self.paused_since > self.settings.send_timeout:
-                self.abort()
         elif not self.in_head and not self.queue:
-            settings = self.settings
             if self.state.draining:
                 limit = settings.drain_idle_grace
             elif self.requests:
                 limit = settings.keepalive_timeout
             else:
                 limit = settings.header_timeout
-            if now - self.idle_since > limit and self.transport is not None:
-                self.transport.close()
+            if now - self.idle_since > limit:
+                if transport.get_write_buffer_size():
+                    transport.abort()  # idle, yet the client left our last bytes unread
+                else:
+                    transport.close()
 
     def _upstream_timeout(self, exchange: Exchange) -> None:
         phase = exchange.phase
@@ -678,9 +721,19 @@ class HttpProtocol(asyncio.Protocol):
         self.read_paused &= ~reasons
         if not self.read_paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+            # The client's clocks restart now: it could not send while we were not reading.
+            now = self.state.now
+            if self.in_head:
+                self.head_deadline = now + self.settings.header_timeout
+            if self.reading is not None:
+                self.body_deadline = now + self.settings.body_timeout
 
     def __repr__(self) -> str:
         return f"<HttpProtocol {self.client_ip.decode()} requests={self.requests} active={self.active}>"
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing bytes that will never be answered."""
 
 
 class _ExpectationFailed(ProxyError):
@@ -694,13 +747,30 @@ def _non_origin_target(method: bytes, target: bytes, host: bytes | None) -> tupl
     lower = target[:8].lower()
     if lower.startswith((b"http://", b"https://")):
         rest = target[target.index(b"//") + 2 :]
-        slash = rest.find(b"/")
-        authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        end = len(rest)
+        for stop in (b"/", b"?", b"#"):
+            found = rest.find(stop)
+            if 0 <= found < end:
+                end = found
+        authority, path = rest[:end], rest[end:]
         if not authority or b"@" in authority:
             raise BadRequest("invalid_target")
+        if not path.startswith(b"/"):
+            path = b"/" + path
         return path, authority
     if target == b"*" and method == b"OPTIONS":
         return target, host
     if method == b"CONNECT":
         raise NotImplementedByProxy("connect_not_supported")
     raise BadRequest("invalid_target")
+
+
+_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+
+
+def _check_dot_segments(target: bytes) -> None:
+    """Reject `.`/`..` path segments (also percent-encoded): a prefix route must mean what it says."""
+    path = target.partition(b"?")[0]
+    for segment in path.lower().split(b"/"):
+        if segment in _DOT_SEGMENTS:
+            raise BadRequest("dot_segment_in_path")

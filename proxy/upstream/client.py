@@ -62,11 +62,16 @@ def request_head(exchange: Exchange) -> list[bytes]:
     return parts
 
 
+class _Unsolicited(Exception):
+    """Bytes of another response followed a complete one in the same read."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one upstream server."""
 
     __slots__ = (
         "body_kind",
+        "cancel_timed_out",
         "closed",
         "cluster",
         "complete",
@@ -83,10 +88,12 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "parts",
         "pending",
+        "reading_paused",
         "requests",
         "reset_parser",
         "rewriter",
         "server",
+        "slot_held",
         "state",
         "status",
         "timeout",
@@ -107,7 +114,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.connect_task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]] | None = None
         self.pending: Exchange | None = None  # waiting for the connect to finish
+        self.cancel_timed_out = False  # why the connect was cancelled: timeout (a failure) or client gone
+        self.slot_held = True  # counted in server.open; released exactly once by `_drop_slot`
         self.closed = False
+        self.reading_paused = False
         self.idle_since = 0.0
         self.requests = 0
         # Per-exchange state
@@ -142,14 +152,17 @@ class UpstreamConnection(asyncio.Protocol):
         exchange, self.pending = self.pending, None
         now = self.state.now
         if task.cancelled() or task.exception() is not None:
+            self.closed = True
             if exchange is not None:
                 exchange.upstream = None
-            self.closed = True
+            self._drop_slot()
+            if task.cancelled() and not self.cancel_timed_out:
+                return  # the client left: not the server's fault
             self.cluster.connect_failed(self.server, exchange, now, timeout=task.cancelled())
             return
         self.cluster.connected(self.server)
-        if self.closed:  # lost right after connecting: connection_lost left the bookkeeping to us
-            self.cluster.discard(self.server, self, now)
+        if self.closed:  # lost right after connecting
+            self._drop_slot()
             if exchange is not None and exchange.phase is PHASE_CONNECTING:
                 exchange.upstream = None
                 exchange.downstream.response_failed(exchange, BadGateway("upstream_closed"))
@@ -157,15 +170,18 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None and exchange.phase is PHASE_CONNECTING:
             self.attach(exchange)
         else:
-            self.cluster.release(self.server, self, now)
+            self.cluster.release(self.server, self, now)  # its exchange is gone: the connection is still good
 
-    def cancel_connect(self) -> None:
-        """The exchange waiting for this connect gave up (timeout or client gone)."""
+    def cancel_connect(self, timed_out: bool) -> None:
+        """The exchange waiting for this connect gave up: `timed_out`, or the client left."""
         if self.pending is not None:
             self.pending.upstream = None
             self.pending = None
         if self.connect_task is not None:
-            self.connect_task.cancel()
+            self.cancel_timed_out = timed_out
+            if timed_out or self.transport is None:
+                self.connect_task.cancel()
+            # else: already connected, the done-callback pools it
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -181,11 +197,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             error = exc.__context__
-            self._fail(error if isinstance(error, ProxyError) else BadGateway("invalid_upstream_response"))
-            return
+            if isinstance(error, _Unsolicited) and self.complete:
+                self.keep_alive = False  # what followed the response is garbage: never reuse
+            else:
+                self._fail(error if isinstance(error, ProxyError) else BadGateway("invalid_upstream_response"))
+                return
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._fail(BadGateway("invalid_upstream_response"))
-            return
+            if not self.complete:
+                self._fail(BadGateway("invalid_upstream_response"))
+                return
+            self.keep_alive = False
         if self.delivered:
             exchange.downstream.response_flush()
         elif self.head_done:
@@ -215,15 +236,15 @@ class UpstreamConnection(asyncio.Protocol):
         now = self.state.now
         exchange = self.exchange
         self.exchange = None
-        if self.pending is not None:  # lost before the connect task finished: connect_done handles it
-            return
-        self.cluster.discard(self.server, self, now)
+        if self.pending is not None or self.connect_task is not None:
+            return  # lost before the connect task finished: connect_done does the bookkeeping
+        self._drop_slot()
         if exchange is None:
             return
         exchange.upstream = None
         downstream = exchange.downstream
-        if self.head_done and self.body_kind is BODY_UNTIL_CLOSE:
-            self.complete = True
+        if self.head_done and self.body_kind is BODY_UNTIL_CLOSE and exc is None:
+            self.complete = True  # a clean close ends a close-delimited body; a reset truncates it
             if self.delivered:
                 downstream.response_end()
                 downstream.response_flush()
@@ -247,6 +268,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.downstream.resume_reading()
 
     # ------------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Unsolicited()
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -272,9 +297,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.complete = True
 
     def on_body(self, body: bytes) -> None:
-        if self.delivered:
-            if not self.complete:
-                self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
+        if self.complete:  # bytes after a HEAD response: never forwarded, and the connection is not reused
+            self.keep_alive = False
+        elif self.delivered:
+            self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
         else:
             self.parts.append(body)
 
@@ -300,6 +326,11 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.server = self.server.address
         exchange.phase = PHASE_WAIT_RESPONSE
         exchange.deadline = self.state.now + self.timeout
+        downstream = exchange.downstream
+        if downstream.write_paused:  # the client is behind already (pipelining): do not read for it
+            self.pause_response()
+        if not exchange.body_done:
+            downstream.upstream_ready(exchange)  # before the write, which may pause the body again
         parts = request_head(exchange)
         if exchange.pending_body:
             chunked = exchange.body_kind is BODY_CHUNKED
@@ -310,32 +341,35 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.body_done and exchange.body_kind is BODY_CHUNKED:
             parts.append(LAST_CHUNK)
         self.transport.write(b"".join(parts))
-        if not exchange.body_done:
-            exchange.downstream.upstream_ready(exchange)
 
     def send_body(self, data: bytes) -> None:
         """A piece of request body (decoded); re-chunked when the request is chunked."""
         exchange = self.exchange
-        if exchange is None or self.transport is None:
+        if exchange is None or self.transport is None or self.closed:
             return
-        exchange.deadline = self.state.now + self.timeout
+        if exchange.deadline != _NEVER:
+            exchange.deadline = self.state.now + self.timeout
         self.transport.write(chunk(data) if exchange.body_kind is BODY_CHUNKED else data)
 
     def end_body(self) -> None:
         """The request body is complete."""
         exchange = self.exchange
-        if exchange is not None and self.transport is not None and exchange.body_kind is BODY_CHUNKED:
+        if exchange is None or self.transport is None or self.closed:
+            return
+        if exchange.body_kind is BODY_CHUNKED:
             self.transport.write(LAST_CHUNK)
 
     def pause_response(self) -> None:
         """The downstream cannot take more response: stop reading upstream (and stop the response clock)."""
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.reading_paused:
+            self.reading_paused = True
             self.transport.pause_reading()
         if self.exchange is not None:
             self.exchange.deadline = _NEVER
 
     def resume_response(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.reading_paused:
+            self.reading_paused = False
             self.transport.resume_reading()
         if self.exchange is not None:
             self.exchange.deadline = self.state.now + self.timeout
@@ -359,6 +393,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ internals
 
+    def _drop_slot(self) -> None:
+        """Give back this connection's place in `server.open` (once, whichever path ends it)."""
+        if self.slot_held:
+            self.slot_held = False
+            self.cluster.discard(self.server, self, self.state.now)
+
     def _finish(self, exchange: Exchange) -> None:
         self.exchange = None
         exchange.upstream = None
@@ -366,6 +406,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reset_parser:
             self.parser = httptools.HttpResponseParser(self)
             self.reset_parser = False
+        if self.reading_paused and not self.closed:  # never pool a connection that is not being read
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
         if self.keep_alive and exchange.body_done and not self.closed:
             if self.cluster.waiters:
                 self.cluster.release(self.server, self, self.state.now)

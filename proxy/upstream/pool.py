@@ -129,6 +129,7 @@ class Cluster:
             return
         exchange.phase = PHASE_WAIT_CONNECTION
         exchange.deadline = now + self.config.pending_timeout
+        exchange.waiting_on = self
         self.waiters.append(exchange)
 
     def dispatch_fresh(self, exchange: Exchange, now: float) -> None:
@@ -161,6 +162,7 @@ class Cluster:
         """A connection finished a response and can be reused."""
         while self.waiters:
             waiter = self.waiters.popleft()
+            waiter.waiting_on = None
             if waiter.phase is PHASE_WAIT_CONNECTION:
                 conn.attach(waiter)
                 return
@@ -182,8 +184,8 @@ class Cluster:
         server.ejected_until = 0.0
 
     def connect_failed(self, server: ServerPool, exchange: Exchange | None, now: float, timeout: bool) -> None:
-        """A connect attempt failed: count it, maybe eject the server, try another server once per server."""
-        server.open -= 1
+        """A connect attempt failed (its slot is already given back through `discard`): count it, maybe
+        eject the server, and move the exchange on to another server (each server tried once)."""
         server.fails += 1
         if server.fails >= self.config.max_fails:
             server.ejected_until = now + self.config.fail_cooldown
@@ -200,12 +202,14 @@ class Cluster:
             exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
             return
         for server in self._rotation(now):
-            if server is not failed and server.open < self.config.max_connections:
-                conn = server.checkout(now)
-                if conn is not None:
-                    conn.attach(exchange)
-                else:
-                    self._connect(server, exchange, now)
+            if server is failed:
+                continue
+            conn = server.checkout(now)
+            if conn is not None:
+                conn.attach(exchange)
+                return
+            if server.open < self.config.max_connections:
+                self._connect(server, exchange, now)
                 return
         exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
 
@@ -214,11 +218,13 @@ class Cluster:
             waiter = self.waiters[0]
             if waiter.phase is not PHASE_WAIT_CONNECTION:
                 self.waiters.popleft()
+                waiter.waiting_on = None
                 continue
             for server in self._rotation(now):
-                if server.open < self.config.max_connections:
+                conn = server.checkout(now)
+                if conn is not None or server.open < self.config.max_connections:
                     self.waiters.popleft()
-                    conn = server.checkout(now)
+                    waiter.waiting_on = None
                     if conn is not None:
                         conn.attach(waiter)
                     else:
@@ -227,8 +233,13 @@ class Cluster:
             return
 
     def cancel_waiter(self, exchange: Exchange) -> None:
-        """The exchange left the queue (timeout or client gone); it is skipped lazily."""
+        """The exchange left the queue (timeout or client gone): it no longer counts against max_pending."""
         exchange.phase = PHASE_DONE
+        exchange.waiting_on = None
+        try:
+            self.waiters.remove(exchange)
+        except ValueError:
+            pass
 
     # ------------------------------------------------------------------ housekeeping
 

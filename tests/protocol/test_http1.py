@@ -56,6 +56,9 @@ class MockTransport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("10.1.2.3", 5555) if name == "peername" else default
 
