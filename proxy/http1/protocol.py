@@ -391,7 +391,8 @@ class HttpProtocol(asyncio.Protocol):
         host = self.h_host
         if target[:1] != b"/":
             target, host = _non_origin_target(method, target, host)
-        if b"/." in target or b"%2" in target:
+        # `find`, not `in`: bytes.__contains__ first tries the operand as an int and clears a TypeError.
+        if target.find(b"/.") >= 0 or target.find(b"%2") >= 0:
             _check_dot_segments(target)
         if host is None:
             if http11:
@@ -561,8 +562,9 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         self.idle_since = self.state.now
-        # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
-        self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
+        if self.read_paused:
+            # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
+            self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
         if self.queue:
             nxt = self.queue.popleft()
             self.active = nxt
