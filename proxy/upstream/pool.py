@@ -101,26 +101,12 @@ class Cluster:
                         top.attach(exchange)
                         return
                     top.close()
-                    conn = server.checkout(now)
-                    if conn is not None:
-                        conn.attach(exchange)
-                        return
-                if server.open < self.config.max_connections:
-                    self._connect(server, exchange, now)
+                if self._try_server(server, exchange, now):
                     return
-            count = 0  # fall through to queueing / failing below
-        for _ in range(count):
-            server = servers[self._rr % count]
-            self._rr += 1
-            if server.ejected_until > now:
-                continue
-            conn = server.checkout(now)
-            if conn is not None:
-                conn.attach(exchange)
-                return
-            if server.open < self.config.max_connections:
-                self._connect(server, exchange, now)
-                return
+        else:
+            for server in self._rotation(now):
+                if self._try_server(server, exchange, now):
+                    return
         if not any(server.ejected_until <= now for server in servers):
             exchange.downstream.response_failed(exchange, ServiceUnavailable("no_healthy_upstream"))
             return
@@ -140,6 +126,17 @@ class Cluster:
                 self._connect(server, exchange, now)
                 return
         self.dispatch(exchange, now)
+
+    def _try_server(self, server: ServerPool, exchange: Exchange, now: float) -> bool:
+        """Give `exchange` an idle connection of `server`, or open one if the server is below its limit."""
+        conn = server.checkout(now)
+        if conn is not None:
+            conn.attach(exchange)
+            return True
+        if server.open < self.config.max_connections:
+            self._connect(server, exchange, now)
+            return True
+        return False
 
     def _rotation(self, now: float) -> Iterator[ServerPool]:
         count = len(self.servers)
@@ -202,14 +199,7 @@ class Cluster:
             exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
             return
         for server in self._rotation(now):
-            if server is failed:
-                continue
-            conn = server.checkout(now)
-            if conn is not None:
-                conn.attach(exchange)
-                return
-            if server.open < self.config.max_connections:
-                self._connect(server, exchange, now)
+            if server is not failed and self._try_server(server, exchange, now):
                 return
         exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
 
@@ -220,16 +210,13 @@ class Cluster:
                 self.waiters.popleft()
                 waiter.waiting_on = None
                 continue
+            self.waiters.popleft()
+            waiter.waiting_on = None
             for server in self._rotation(now):
-                conn = server.checkout(now)
-                if conn is not None or server.open < self.config.max_connections:
-                    self.waiters.popleft()
-                    waiter.waiting_on = None
-                    if conn is not None:
-                        conn.attach(waiter)
-                    else:
-                        self._connect(server, waiter, now)
-                    break
+                if self._try_server(server, waiter, now):
+                    return
+            self.waiters.appendleft(waiter)  # still no room anywhere: it keeps its place
+            waiter.waiting_on = self
             return
 
     def cancel_waiter(self, exchange: Exchange) -> None:
