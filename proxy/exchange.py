@@ -53,7 +53,8 @@ class Downstream(Protocol):
         """The upstream response head, hop-by-hop lines removed (`head` excludes the final CRLF CRLF)."""
 
     def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
-        """A whole response read at once (the common small one): head, complete body, end, flush.
+        """A whole response read at once (the common small one): head, complete body, end, flush, and
+        the exchange is done upstream (no `exchange_upstream_done` follows).
 
         `kind` is the upstream framing; a chunked or until-close body may be sent with a Content-Length.
         """

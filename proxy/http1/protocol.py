@@ -484,6 +484,8 @@ class HttpProtocol(asyncio.Protocol):
             kind = BODY_LENGTH
         if self.transport is not None:
             self.transport.write(b"".join((self._head(exchange, status, head, kind), body)))
+        if exchange is self.active:
+            self._finish_response(exchange, self.resp_keep_alive)
 
     def _head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> bytes:
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""

@@ -207,28 +207,35 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(BadGateway("invalid_upstream_response"))
                 return
             self.keep_alive = False
-        if self.delivered:
+        if self.complete:
+            if self.delivered:
+                exchange.downstream.response_flush()
+                self._release(exchange)
+                exchange.downstream.exchange_upstream_done(exchange)
+            else:  # the whole response came in this read (the common case): one call writes and finishes it
+                self._release(exchange)
+                self._deliver_whole(exchange)
+        elif self.delivered:
             exchange.downstream.response_flush()
         elif self.head_done:
-            self._deliver(exchange)
-        if self.complete:
-            self._finish(exchange)
-
-    def _deliver(self, exchange: Exchange) -> None:
-        """Hand the head (and the body read with it) downstream: all at once when the response is complete."""
-        self.delivered = True
-        downstream = exchange.downstream
-        parts = self.parts
-        if self.complete:
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            downstream.response_complete(exchange, self.status, self.head, body, self.body_kind)
-        else:
+            self.delivered = True
+            downstream = exchange.downstream
             downstream.response_head(exchange, self.status, self.head, self.body_kind)
-            for part in parts:
+            for part in self.parts:
                 downstream.response_body(part)
             downstream.response_flush()
+            self.parts = []
+            self.head = b""
+
+    def _deliver_whole(self, exchange: Exchange) -> None:
+        """The complete response, never delivered in pieces: one downstream call, which also finishes it."""
+        parts = self.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        head = self.head
         self.parts = []
         self.head = b""
+        self.delivered = True
+        exchange.downstream.response_complete(exchange, self.status, head, body, self.body_kind)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Closed by either side; finishes an until-close body, retries or fails the exchange."""
@@ -245,13 +252,13 @@ class UpstreamConnection(asyncio.Protocol):
         downstream = exchange.downstream
         if self.head_done and self.body_kind is BODY_UNTIL_CLOSE and exc is None:
             self.complete = True  # a clean close ends a close-delimited body; a reset truncates it
+            exchange.phase = PHASE_DONE
             if self.delivered:
                 downstream.response_end()
                 downstream.response_flush()
+                downstream.exchange_upstream_done(exchange)
             else:
-                self._deliver(exchange)
-            exchange.phase = PHASE_DONE
-            downstream.exchange_upstream_done(exchange)
+                self._deliver_whole(exchange)
         elif not self.got_bytes and self.requests > 1 and exchange.replayable:
             self.cluster.dispatch_fresh(exchange, now)
         else:
@@ -399,7 +406,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.slot_held = False
             self.cluster.discard(self.server, self, self.state.now)
 
-    def _finish(self, exchange: Exchange) -> None:
+    def _release(self, exchange: Exchange) -> None:
+        """The exchange is over on this connection: back to the pool (first, so that a pipelined next
+        request can take it at once) or closed."""
         self.exchange = None
         exchange.upstream = None
         exchange.phase = PHASE_DONE
@@ -417,7 +426,6 @@ class UpstreamConnection(asyncio.Protocol):
                 self.server.idle.append(self)
         else:
             self.close()
-        exchange.downstream.exchange_upstream_done(exchange)
 
     def _fail(self, error: ProxyError) -> None:
         exchange = self.exchange
