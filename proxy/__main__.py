@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"uvgate: {args.config} is valid")
         return 0
-    from proxy.supervisor import Supervisor
+    from proxy.supervisor import Supervisor, systemd_listen_fds
 
+    listen_fds = systemd_listen_fds(dict(os.environ), os.getpid())
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # meant for this process only, not for anything it starts
     supervisor = Supervisor(
-        config, args.config, workers_override=args.workers, notify_socket=os.environ.get("NOTIFY_SOCKET")
+        config,
+        args.config,
+        workers_override=args.workers,
+        notify_socket=os.environ.get("NOTIFY_SOCKET"),
+        listen_fds=listen_fds,
     )
     return supervisor.run()
 

@@ -94,6 +94,20 @@ def bind_listener(address: Address, backlog: int) -> socket.socket:
     return sock
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_listen_fds(env: dict[str, str], pid: int) -> list[int]:
+    """Listening sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), or []."""
+    if env.get("LISTEN_PID") != str(pid):
+        return []
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(0, count)))
+
+
 def sd_notify(notify_socket: str | None, message: str) -> None:
     """Tell systemd (Type=notify) about state changes; a no-op outside systemd."""
     if not notify_socket:
@@ -111,12 +125,21 @@ class Supervisor:
     """The master process."""
 
     def __init__(
-        self, config: Config, config_path: str, *, workers_override: int | None = None, notify_socket: str | None = None
+        self,
+        config: Config,
+        config_path: str,
+        *,
+        workers_override: int | None = None,
+        notify_socket: str | None = None,
+        listen_fds: list[int] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.workers_override = workers_override
         self.notify_socket = notify_socket
+        self.inherited = [socket.socket(fileno=fd) for fd in listen_fds or []]
+        for sock in self.inherited:
+            sock.setblocking(False)
         self.generation = 1
         self.slots: list[Slot] = []
         self.workers: dict[int, Worker] = {}
@@ -135,11 +158,19 @@ class Supervisor:
 
     def bind(self) -> None:
         server = self.config.server
-        first = bind_listener(server.listen, server.backlog)
-        self.listen = Address(server.listen.host, first.getsockname()[1])
-        self.slots = [Slot(0, first)]
-        for index in range(1, server.workers):
-            self.slots.append(Slot(index, bind_listener(self.listen, server.backlog)))
+        if self.inherited:
+            # systemd socket activation: the listeners are systemd's; slots share them round robin.
+            sock = self.inherited[0]
+            host, port = sock.getsockname()[:2]
+            self.listen = Address(host, port)
+            log.info("socket activation: %d listener(s) from systemd, server.listen is not used", len(self.inherited))
+            self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(server.workers)]
+        else:
+            first = bind_listener(server.listen, server.backlog)
+            self.listen = Address(server.listen.host, first.getsockname()[1])
+            self.slots = [Slot(0, first)]
+            for index in range(1, server.workers):
+                self.slots.append(Slot(index, bind_listener(self.listen, server.backlog)))
         admin_sock = bind_listener(server.admin_listen, 64)
         self.admin = AdminServer(admin_sock, self.selector, self._admin)
         self.admin_address = Address(server.admin_listen.host, admin_sock.getsockname()[1])
@@ -198,7 +229,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         for other in self.slots:
-            if other is not slot:
+            if other.sock is not slot.sock:  # (socket-activated slots may share one listener)
                 other.sock.close()
         if self.admin is not None:
             for conn in list(self.admin.conns):
@@ -371,7 +402,19 @@ class Supervisor:
 
     def _resize_slots(self, count: int) -> None:
         while len(self.slots) < count:
-            self.slots.append(Slot(len(self.slots), bind_listener(self.listen, self.config.server.backlog)))
+            index = len(self.slots)
+            if self.inherited:
+                sock = self.inherited[index % len(self.inherited)]
+            else:
+                sock = bind_listener(self.listen, self.config.server.backlog)
+            self.slots.append(Slot(index, sock))
+
+    def _close_slot_sockets(self, slots: list[Slot]) -> None:
+        """Close the listeners of removed slots, unless systemd owns them (or another slot uses them)."""
+        keep = {id(slot.sock) for slot in self.slots}
+        for slot in slots:
+            if id(slot.sock) not in keep and slot.sock not in self.inherited:
+                slot.sock.close()
 
     def _commit_reload(self, reload: Reload) -> None:
         old = [w for w in self.workers.values() if w.generation != reload.generation and not w.stopping]
@@ -387,8 +430,7 @@ class Supervisor:
             # Fewer workers than before: their sockets' queues would be dropped on close, so they are
             # closed only now, after the new generation serves every remaining slot.
             del self.slots[self.config.server.workers :]
-            for slot in surplus:
-                slot.sock.close()
+            self._close_slot_sockets(surplus)
         log.info("generation %d serving; draining %d old workers", self.generation, len(old))
         sd_notify(self.notify_socket, "READY=1\nSTATUS=serving")
 
@@ -397,9 +439,9 @@ class Supervisor:
         for w in reload.workers:
             if w.pid in self.workers:
                 self.stop_worker(w, signal.SIGKILL)
-        for slot in self.slots[self.config.server.workers :]:
-            slot.sock.close()  # added for the new generation: nothing ever served it
+        added = self.slots[self.config.server.workers :]
         del self.slots[self.config.server.workers :]
+        self._close_slot_sockets(added)  # added for the new generation: nothing ever served them
         sd_notify(self.notify_socket, "READY=1\nSTATUS=serving (reload failed)")
 
     # ------------------------------------------------------------------ shutdown
@@ -475,8 +517,10 @@ class Supervisor:
     def _close(self) -> None:
         if self.admin is not None:
             self.admin.close()
-        for slot in self.slots:
-            slot.sock.close()
+        for sock in {id(slot.sock): slot.sock for slot in self.slots}.values():
+            sock.close()
+        for sock in self.inherited:
+            sock.close()
         for w in self.workers.values():
             self._close_pipe(w)
         signal.set_wakeup_fd(-1)
