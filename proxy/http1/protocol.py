@@ -77,6 +77,7 @@ _BASE_SPECIAL = {
 _PAUSE_PIPELINE = 1
 _PAUSE_BODY_BUFFER = 2
 _PAUSE_UPSTREAM = 4
+_PAUSE_CLIENT_BEHIND = 8  # the client does not read our answers: read no new requests from it
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_LINE = b"\r\ntransfer-encoding: chunked"
@@ -287,16 +288,20 @@ class HttpProtocol(asyncio.Protocol):
                 self._log(exchange)
 
     def pause_writing(self) -> None:
-        """Client is slow: stop reading the upstream response until it catches up."""
+        """Client is slow: stop reading the upstream response until it catches up, and (between request
+        bodies) stop reading its next requests: answers the proxy makes itself must not pile up either."""
         self.write_paused = True
         self.paused_since = self.state.now
+        if self.reading is None:
+            self._pause(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
         if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.pause_response()
 
     def resume_writing(self) -> None:
-        """Client caught up: read the upstream response again."""
+        """Client caught up: read the upstream response (and its requests) again."""
         self.write_paused = False
+        self._resume(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
         if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.resume_response()
@@ -616,6 +621,8 @@ class HttpProtocol(asyncio.Protocol):
         answer follows the last of them. If the broken part is the body of the exchange being
         answered, that exchange is failed (or aborted, if its response already started).
         """
+        if self.closing:
+            return  # already answered and closing: lingering reads and discards whatever comes
         self.parse_failed = True
         self.in_head = False
         self._pause(_PAUSE_PIPELINE)
@@ -648,7 +655,7 @@ class HttpProtocol(asyncio.Protocol):
         self.active = None
         self.queue.clear()
         self.reading = None
-        self._resume(_PAUSE_PIPELINE | _PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
+        self._resume(_PAUSE_PIPELINE | _PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM | _PAUSE_CLIENT_BEHIND)
         self.linger_deadline = self.state.now + self.settings.lingering_timeout
         if transport.can_write_eof():
             transport.write_eof()

@@ -213,8 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._release(exchange)
                 exchange.downstream.exchange_upstream_done(exchange)
             else:  # the whole response came in this read (the common case): one call writes and finishes it
-                self._release(exchange)
-                self._deliver_whole(exchange)
+                self._deliver_whole(exchange, release=True)
         elif self.delivered:
             exchange.downstream.response_flush()
         elif self.head_done:
@@ -227,15 +226,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.parts = []
             self.head = b""
 
-    def _deliver_whole(self, exchange: Exchange) -> None:
-        """The complete response, never delivered in pieces: one downstream call, which also finishes it."""
+    def _deliver_whole(self, exchange: Exchange, release: bool) -> None:
+        """The complete response, never delivered in pieces: one downstream call, which also finishes it.
+
+        With `release`, the connection goes back to the pool first, where a waiting exchange may take it
+        at once: nothing of this connection's state is touched after that.
+        """
         parts = self.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        head = self.head
+        head, status, kind = self.head, self.status, self.body_kind
         self.parts = []
         self.head = b""
         self.delivered = True
-        exchange.downstream.response_complete(exchange, self.status, head, body, self.body_kind)
+        if release:
+            self._release(exchange)
+        exchange.downstream.response_complete(exchange, status, head, body, kind)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Closed by either side; finishes an until-close body, retries or fails the exchange."""
@@ -258,7 +263,7 @@ class UpstreamConnection(asyncio.Protocol):
                 downstream.response_flush()
                 downstream.exchange_upstream_done(exchange)
             else:
-                self._deliver_whole(exchange)
+                self._deliver_whole(exchange, release=False)
         elif not self.got_bytes and self.requests > 1 and exchange.replayable:
             self.cluster.dispatch_fresh(exchange, now)
         else:

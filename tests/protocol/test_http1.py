@@ -369,3 +369,22 @@ def test_idle_connection_closed_quickly_while_draining() -> None:
     respond(protocol, gateway.exchanges[0])
     assert b"\r\nconnection: close\r\n" in transport.take()
     assert transport.closing
+
+
+def test_client_that_reads_nothing_is_not_read_from() -> None:
+    """Answers the proxy makes itself (404s here) must not pile up for a client that never reads them."""
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    protocol.response_failed(gateway.exchanges[0], ServiceUnavailable("x"))
+    protocol.pause_writing()  # the transport's buffer went over the high-water mark
+    assert transport.read_paused
+    protocol.resume_writing()
+    assert not transport.read_paused
+
+
+def test_slow_client_does_not_stop_a_request_body() -> None:
+    """While a body is being read, a full write buffer pauses the upstream response, not the upload."""
+    protocol, transport, gateway, _ = connect()
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    protocol.pause_writing()
+    assert not transport.read_paused
