@@ -384,7 +384,7 @@ def test_client_that_reads_nothing_is_not_read_from() -> None:
 
 def test_slow_client_does_not_stop_a_request_body() -> None:
     """While a body is being read, a full write buffer pauses the upstream response, not the upload."""
-    protocol, transport, gateway, _ = connect()
+    protocol, transport, _gateway, _ = connect()
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
     protocol.pause_writing()
     assert not transport.read_paused
