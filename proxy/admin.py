@@ -17,6 +17,7 @@ import orjson
 
 MAX_REQUEST = 8192
 CONN_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64  # admin clients at once; more are refused so the supervisor keeps its descriptors
 
 Handler = Callable[[str, str], tuple[int, bytes, bytes]]  # (method, path) -> (status, content type, body)
 
@@ -35,6 +36,7 @@ class AdminServer:
         self.selector = selector
         self.handler = handler
         self.conns: dict[socket.socket, tuple[bytearray, float]] = {}
+        self.resume_at = 0.0  # accepting paused (out of descriptors) until then
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self._accept)
 
@@ -42,6 +44,13 @@ class AdminServer:
         try:
             conn, _ = sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionError):
+            return
+        except OSError:  # EMFILE/ENFILE and the like: never fatal; stop accepting for a second
+            self.selector.unregister(sock)
+            self.resume_at = time.monotonic() + 1.0
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            conn.close()
             return
         conn.setblocking(False)
         self.conns[conn] = (bytearray(), time.monotonic())
@@ -104,6 +113,9 @@ class AdminServer:
     def expire(self) -> None:
         """Close connections that did not send a request in time."""
         now = time.monotonic()
+        if self.resume_at and now >= self.resume_at:
+            self.resume_at = 0.0
+            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
         for conn, (_, started) in list(self.conns.items()):
             if now - started > CONN_TIMEOUT:
                 self._close(conn)
@@ -111,8 +123,9 @@ class AdminServer:
     def close(self) -> None:
         for conn in list(self.conns):
             self._close(conn)
-        try:
-            self.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        if not self.resume_at:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
         self.sock.close()

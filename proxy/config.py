@@ -9,6 +9,7 @@ overrides for containers are applied in `apply_env`, the only place that reads t
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -22,6 +23,7 @@ T = TypeVar("T")
 
 KiB = 1024
 MiB = 1024 * KiB
+MAX_DURATION = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +121,10 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError('expected seconds or a string like "250ms", "10s", "2m"')
-    if seconds < 0:
-        raise ValueError("must not be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite, non-negative duration")
+    if seconds > MAX_DURATION:
+        raise ValueError("must not exceed one day")
     return seconds
 
 
@@ -198,10 +202,21 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+_RESERVED_HEADERS = frozenset(
+    {
+        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+        "trailer", "upgrade", "expect", "proxy-authorization", "proxy-authenticate", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "via",
+    }
+)  # fmt: skip
+
+
 def _header_name(value: object) -> str:
     text = _string(value).lower()
     if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", text):
         raise ValueError("not a valid header name")
+    if text in _RESERVED_HEADERS:
+        raise ValueError("a header the proxy manages itself (framing, hop-by-hop or forwarding)")
     return text
 
 
@@ -310,8 +325,18 @@ def _server(problems: list[tuple[str, object, str]], table: object) -> ServerCon
         problems.append(("server.max_header_bytes", server.max_header_bytes, "must be at least 1KiB"))
     if server.write_buffer_limit < 4 * KiB:
         problems.append(("server.write_buffer_limit", server.write_buffer_limit, "must be at least 4KiB"))
-    if server.listen.port != 0 and server.listen == server.admin_listen:
-        problems.append(("server.admin_listen", str(server.admin_listen), "must differ from server.listen"))
+    if server.listen.port != 0 and server.listen.port == server.admin_listen.port:
+        problems.append(("server.admin_listen", str(server.admin_listen), "must use another port than server.listen"))
+    if server.heartbeat_timeout < 3.0:
+        problems.append(
+            ("server.heartbeat_timeout", server.heartbeat_timeout, "must be at least 3s (beats are 1s apart)")
+        )
+    if server.backlog > 65535:
+        problems.append(("server.backlog", server.backlog, "must be at most 65535"))
+    if server.access_log_path not in ("", "-"):
+        directory = os.path.dirname(os.path.abspath(server.access_log_path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            problems.append(("server.access_log_path", server.access_log_path, "directory missing or not writable"))
     return server
 
 

@@ -27,7 +27,7 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy import config as config_mod
 from proxy import worker
@@ -56,6 +56,7 @@ class Worker:
     stopping: bool = False
     last_beat: float = 0.0
     error: str = ""
+    stop_deadline: float = 0.0  # a stopping worker still alive then gets SIGKILL
 
 
 @dataclass
@@ -75,13 +76,14 @@ class Reload:
     started: float = 0.0
 
 
-def bind_listener(address: Address, backlog: int) -> socket.socket:
-    """A SO_REUSEPORT listening socket (one per worker slot, all on the same address)."""
+def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True) -> socket.socket:
+    """A listening socket; with `reuse_port`, one of several SO_REUSEPORT sockets on the same address."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -164,14 +166,19 @@ class Supervisor:
             host, port = sock.getsockname()[:2]
             self.listen = Address(host, port)
             log.info("socket activation: %d listener(s) from systemd, server.listen is not used", len(self.inherited))
-            self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(server.workers)]
+            count = max(server.workers, len(self.inherited))
+            if count > server.workers:
+                log.warning("socket activation: %d listeners, so %d workers (one per listener)", count, count)
+                self.workers_override = count
+                self.config = replace(self.config, server=replace(server, workers=count))
+            self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(count)]
         else:
             first = bind_listener(server.listen, server.backlog)
             self.listen = Address(server.listen.host, first.getsockname()[1])
             self.slots = [Slot(0, first)]
             for index in range(1, server.workers):
                 self.slots.append(Slot(index, bind_listener(self.listen, server.backlog)))
-        admin_sock = bind_listener(server.admin_listen, 64)
+        admin_sock = bind_listener(server.admin_listen, 64, reuse_port=False)
         self.admin = AdminServer(admin_sock, self.selector, self._admin)
         self.admin_address = Address(server.admin_listen.host, admin_sock.getsockname()[1])
         self.config = config_mod.with_listen(self.config, self.listen)
@@ -289,6 +296,8 @@ class Supervisor:
         return len(ready_slots) == len(self.slots)
 
     def stop_worker(self, worker_: Worker, sig: int = signal.SIGTERM) -> None:
+        if not worker_.stopping:
+            worker_.stop_deadline = time.monotonic() + self.config.server.drain_timeout + KILL_GRACE
         worker_.stopping = True
         try:
             os.kill(worker_.pid, sig)
@@ -333,6 +342,9 @@ class Supervisor:
             self.exit_code = EXIT_BOOT_FAILURE
             self.begin_shutdown()
             return
+        if worker_.slot >= len(self.slots):
+            log.info("worker %d of removed slot %d exited (%s)", worker_.pid, worker_.slot, how)
+            return
         slot = self.slots[worker_.slot]
         now = time.monotonic()
         if now - worker_.started > STABLE_AFTER:
@@ -355,6 +367,13 @@ class Supervisor:
         limit = self.config.server.heartbeat_timeout
         for w in list(self.workers.values()):
             if w.stopping:
+                if w.stop_deadline and now > w.stop_deadline:
+                    log.warning("worker %d did not finish draining in time; killing it", w.pid)
+                    w.stop_deadline = 0.0
+                    try:
+                        os.kill(w.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 continue
             if not w.ready and now - w.started > BOOT_TIMEOUT:
                 w.error = w.error or f"not ready after {BOOT_TIMEOUT:.0f}s"
@@ -397,7 +416,7 @@ class Supervisor:
         reload = Reload(generation=self.generation + 1, config=new, started=time.monotonic())
         self.reload = reload
         log.info("SIGHUP: starting generation %d", reload.generation)
-        for slot in self.slots:
+        for slot in self.slots[: new.server.workers]:
             reload.workers.append(self.spawn(slot, new, reload.generation))
 
     def _resize_slots(self, count: int) -> None:
@@ -417,7 +436,11 @@ class Supervisor:
                 slot.sock.close()
 
     def _commit_reload(self, reload: Reload) -> None:
-        old = [w for w in self.workers.values() if w.generation != reload.generation and not w.stopping]
+        old = [
+            w
+            for w in self.workers.values()
+            if (w.generation != reload.generation or w.slot >= reload.config.server.workers) and not w.stopping
+        ]
         self.config = reload.config
         self.generation = reload.generation
         self.reload = None

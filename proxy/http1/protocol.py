@@ -138,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         "active",
         "body_deadline",
         "body_received",
+        "chunk_idle",
         "client_ip",
         "closing",
         "deferred_error",
@@ -170,6 +171,7 @@ class HttpProtocol(asyncio.Protocol):
         "resp_keep_alive",
         "settings",
         "state",
+        "trailer_raw",
         "transport",
         "url",
         "write_paused",
@@ -203,6 +205,8 @@ class HttpProtocol(asyncio.Protocol):
         self.head_deadline = 0.0
         self.body_deadline = _NEVER
         self.body_received = 0
+        self.chunk_idle = False  # inside a chunk header that no data followed yet (the last chunk's trailers)
+        self.trailer_raw = 0
         self.resp_chunked = False
         self.resp_keep_alive = True
         # Per-request state (reset in on_message_begin)
@@ -237,6 +241,7 @@ class HttpProtocol(asyncio.Protocol):
             return  # lingering close, or the stream is beyond repair: discard
         if self.in_head:
             self.head_raw += len(data)
+        was_idle = self.chunk_idle
         while True:
             try:
                 self.parser.feed_data(data)
@@ -262,6 +267,12 @@ class HttpProtocol(asyncio.Protocol):
             break
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
+        elif was_idle and self.chunk_idle:
+            # A whole read after a chunk header without any chunk data: that was the last chunk and these
+            # are trailer fields, which httptools accumulates itself. Bound them like a head.
+            self.trailer_raw += len(data)
+            if self.trailer_raw > self.settings.max_header_bytes:
+                self._protocol_error(HeadersTooLarge("trailers_too_large"))
 
     def eof_received(self) -> bool | None:
         """Client half-closed: finish what is in flight, then close (returning True keeps our side open)."""
@@ -442,6 +453,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange = self.reading
         if exchange is None:
             return
+        self.chunk_idle = False
         self.body_received += len(body)
         if self.body_received > self.settings.max_body:
             raise PayloadTooLarge()
@@ -456,11 +468,21 @@ class HttpProtocol(asyncio.Protocol):
                 self._pause(_PAUSE_BODY_BUFFER)
         # DONE: answered early (error, or upstream finished first): the body is read and discarded.
 
+    def on_chunk_header(self) -> None:
+        self.chunk_idle = True
+        self.trailer_raw = 0
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_idle = False
+
     def on_message_complete(self) -> None:
+        self.chunk_idle = False
         exchange = self.reading
         if exchange is None:
             return
         self.reading = None
+        if self.write_paused:
+            self._pause(_PAUSE_CLIENT_BEHIND)  # the client fell behind during the body: no new requests now
         self.body_deadline = _NEVER
         exchange.body_done = True
         if exchange.phase is PHASE_WAIT_RESPONSE:

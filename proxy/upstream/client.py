@@ -85,6 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_start",
         "idle_since",
         "keep_alive",
+        "max_head",
         "parser",
         "parts",
         "pending",
@@ -109,6 +110,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.server = server
         self.state = state
         self.timeout = cluster.config.response_timeout
+        # An upstream head (with informational responses before it) may take a few reads, not forever.
+        self.max_head = 4 * state.config.server.max_header_bytes + 65536
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -207,6 +210,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(BadGateway("invalid_upstream_response"))
                 return
             self.keep_alive = False
+        if not self.head_done and len(self.head_buf) > self.max_head:
+            self._fail(BadGateway("upstream_head_too_large"))  # (a whole response in one read is fine)
+            return
         if self.complete:
             if self.delivered:
                 exchange.downstream.response_flush()

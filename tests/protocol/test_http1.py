@@ -388,3 +388,28 @@ def test_slow_client_does_not_stop_a_request_body() -> None:
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
     protocol.pause_writing()
     assert not transport.read_paused
+
+
+def test_endless_trailer_is_431() -> None:
+    """Trailer fields are bounded like a head (httptools accumulates them itself)."""
+    protocol, transport, gateway, _ = connect(max_body_bytes="1MiB")
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    assert gateway.exchanges
+    protocol.data_received(b"X-Trailer: ")
+    for _ in range(10):
+        if transport.closing:
+            break
+        protocol.data_received(b"v" * 1000)
+    assert parse_status(transport.take()) == 431
+    assert transport.closing
+
+
+def test_large_reads_ending_in_a_chunk_header_are_not_trailers() -> None:
+    protocol, transport, gateway, _ = connect(max_body_bytes="1MiB")
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(5):
+        protocol.data_received(b"1000\r\n" + b"x" * 4096 + b"\r\n1000\r\n")
+        protocol.data_received(b"y" * 4096 + b"\r\n")
+    protocol.data_received(b"0\r\n\r\n")
+    assert not transport.buffer and not transport.closing
+    assert gateway.exchanges[0].body_done
