@@ -146,3 +146,21 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     assert "server.workers" in result.stderr
     assert "server.max_body_bytes" in result.stderr
     assert "routes" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("server", "key"),
+    [
+        ({"header_timeout": float("nan")}, "server.header_timeout"),
+        ({"drain_timeout": float("inf")}, "server.drain_timeout"),
+        ({"keepalive_timeout": "2000000s"}, "server.keepalive_timeout"),
+        ({"heartbeat_timeout": "500ms"}, "server.heartbeat_timeout"),
+        ({"request_id_header": "content-length"}, "server.request_id_header"),
+        ({"request_id_header": "Host"}, "server.request_id_header"),
+        ({"listen": "localhost:8080", "admin_listen": "127.0.0.1:8080"}, "server.admin_listen"),
+        ({"backlog": 2**40}, "server.backlog"),
+        ({"access_log_path": "/nonexistent-dir/access.log"}, "server.access_log_path"),
+    ],
+)
+def test_values_that_would_break_at_runtime_are_rejected(server: dict[str, object], key: str) -> None:
+    assert key in problems_of({**MINIMAL, "server": {**MINIMAL["server"], **server}})  # type: ignore[dict-item]
