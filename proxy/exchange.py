@@ -136,7 +136,7 @@ class Exchange:
         self.body_kind = body_kind
         self.content_length = content_length
         self.body_done = body_kind is BODY_NONE
-        self.pending_body: list[bytes] = []  # body received before an upstream was attached
+        self.pending_body: list[bytes] | None = None  # body received before an upstream was attached
         self.pending_bytes = 0
         self.expect_continue = False
         self.keep_alive = True  # the client allows reusing its connection after this exchange

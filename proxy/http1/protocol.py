@@ -374,11 +374,15 @@ class HttpProtocol(asyncio.Protocol):
         settings = self.settings
         state = self.state
         parser = self.parser
-        version = parser.get_http_version()
-        http11 = version == "1.1"
-        if not http11 and version != "1.0":
-            raise VersionNotSupported()
-        self.http11 = http11
+        keep_alive = parser.should_keep_alive()
+        if self.requests == 0 or not keep_alive or self.h_connection is not None:
+            version = parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
+            http11 = version == "1.1"
+            if not http11 and version != "1.0":
+                raise VersionNotSupported()
+            self.http11 = http11
+        else:
+            http11 = self.http11  # 1.1 keep-alive without a Connection header: same as before on this connection
         method = parser.get_method()
         if method == b"CONNECT":
             raise NotImplementedByProxy("connect_not_supported")
@@ -427,7 +431,7 @@ class HttpProtocol(asyncio.Protocol):
             (xff, settings.static_lines, b"x-forwarded-host: ", host, b"\r\n", settings.request_id_line, rid, b"\r\n")
         )
         exchange = Exchange(self, method, target, host, headers, rid, forward, kind, length)
-        exchange.keep_alive = parser.should_keep_alive()
+        exchange.keep_alive = keep_alive
         if state.access_log is not None:
             exchange.started = state.loop.time()
         if self.h_expect is not None:
@@ -462,7 +466,10 @@ class HttpProtocol(asyncio.Protocol):
         if phase is PHASE_WAIT_RESPONSE:
             exchange.upstream.send_body(body)  # type: ignore[union-attr]
         elif phase is not PHASE_DONE:
-            exchange.pending_body.append(body)
+            if exchange.pending_body is None:
+                exchange.pending_body = [body]
+            else:
+                exchange.pending_body.append(body)
             exchange.pending_bytes += len(body)
             if exchange.pending_bytes > self.settings.write_limit:
                 self._pause(_PAUSE_BODY_BUFFER)
@@ -583,7 +590,7 @@ class HttpProtocol(asyncio.Protocol):
         self.active = None
         exchange.phase = PHASE_DONE
         if exchange.pending_body:
-            exchange.pending_body.clear()
+            exchange.pending_body = None
             exchange.pending_bytes = 0
         if self.state.access_log is not None:
             self._log(exchange)

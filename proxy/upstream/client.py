@@ -354,7 +354,7 @@ class UpstreamConnection(asyncio.Protocol):
             chunked = exchange.body_kind is BODY_CHUNKED
             for piece in exchange.pending_body:
                 parts.append(chunk(piece) if chunked else piece)
-            exchange.pending_body.clear()
+            exchange.pending_body = None
             exchange.pending_bytes = 0
         if exchange.body_done and exchange.body_kind is BODY_CHUNKED:
             parts.append(LAST_CHUNK)
