@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 import pytest
 
@@ -13,76 +11,7 @@ from proxy.exchange import BodyKind, Exchange, Phase
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.server import WorkerState
 from proxy.upstream.client import request_head
-
-
-class MockTransport:
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.read_paused = False
-        self.closing = False
-        self.aborted = False
-        self.eof_written = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closing, "write after close"
-        self.buffer += data
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        for data in chunks:
-            self.write(data)
-
-    def pause_reading(self) -> None:
-        self.read_paused = True
-
-    def resume_reading(self) -> None:
-        self.read_paused = False
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-        self.closing = True
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0  # everything written is taken at once
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("10.1.2.3", 5555) if name == "peername" else default
-
-    def take(self) -> bytes:
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
-
-
-class MockLoop:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def time(self) -> float:
-        return self.now
-
-
-class RecordingGateway:
-    def __init__(self) -> None:
-        self.exchanges: list[Exchange] = []
-
-    def handle(self, exchange: Exchange) -> None:
-        self.exchanges.append(exchange)
-
+from tests.fakes import MockLoop, MockTransport, RecordingGateway
 
 CONFIG = {
     "server": {"max_header_count": 20, "max_header_bytes": 2048, "max_body_bytes": 1000, "via": "1.1 uvgate"},

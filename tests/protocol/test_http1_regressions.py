@@ -16,7 +16,7 @@ import pytest
 
 from devstack.rawhttp import RawResponse, parse_response
 from proxy.config import Address, UpstreamConfig, build
-from proxy.errors import NotFound, ProxyError, ServiceUnavailable
+from proxy.errors import NotFound, ServiceUnavailable
 from proxy.exchange import BodyKind, Exchange, Phase
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
@@ -26,65 +26,7 @@ from proxy.upstream.client import UpstreamConnection, request_head
 from proxy.upstream.pool import Cluster, ServerPool
 
 # ---------------------------------------------------------------------------------------------- fakes
-
-
-class MockTransport:
-    """Downstream transport: records writes; `write` after close is a test failure."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.read_paused = False
-        self.closing = False
-        self.aborted = False
-        self.eof_written = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closing, "write after close"
-        self.buffer += data
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        for data in chunks:
-            self.write(data)
-
-    def pause_reading(self) -> None:
-        self.read_paused = True
-
-    def resume_reading(self) -> None:
-        self.read_paused = False
-
-    def paused(self) -> bool:
-        """Reading is paused (a method: mypy would keep an asserted attribute narrowed)."""
-        return self.read_paused
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-        self.closing = True
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("10.1.2.3", 5555) if name == "peername" else default
-
-    def take(self) -> bytes:
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
+from tests.fakes import FakeConn, FakeDownstream, MockLoop, MockTransport, RecordingGateway
 
 
 class UvloopLikeTransport(MockTransport):
@@ -112,22 +54,6 @@ class CrossingTransport(MockTransport):
         if self.cross_on_next_write and self.protocol is not None:
             self.cross_on_next_write = False
             self.protocol.pause_writing()
-
-
-class MockLoop:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def time(self) -> float:
-        return self.now
-
-
-class RecordingGateway:
-    def __init__(self) -> None:
-        self.exchanges: list[Exchange] = []
-
-    def handle(self, exchange: Exchange) -> None:
-        self.exchanges.append(exchange)
 
 
 class NotFoundGateway:
@@ -502,34 +428,6 @@ def test_client_leaving_after_the_tcp_connect_is_not_a_connect_failure() -> None
 
 
 # ---------------------------------------------------------------------------------------------- bug 16
-
-
-class FakeDownstream:
-    def __init__(self) -> None:
-        self.failures: list[ProxyError] = []
-
-    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        exchange.phase = Phase.DONE
-        self.failures.append(error)
-
-
-class FakeConn:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.idle_since = 0.0
-        self.attached: list[Exchange] = []
-        self.closed = False
-
-    @property
-    def usable(self) -> bool:
-        return not self.closed
-
-    def attach(self, exchange: Exchange) -> None:
-        exchange.phase = Phase.WAIT_RESPONSE
-        self.attached.append(exchange)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_retry_after_connect_failure_uses_an_idle_connection_of_another_server() -> None:

@@ -3,37 +3,9 @@
 from __future__ import annotations
 
 from proxy.config import Address, UpstreamConfig
-from proxy.errors import ProxyError
 from proxy.exchange import BodyKind, Exchange, Phase
 from proxy.upstream.pool import Cluster, ServerPool
-
-
-class FakeDownstream:
-    def __init__(self) -> None:
-        self.failures: list[ProxyError] = []
-
-    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        exchange.phase = Phase.DONE
-        self.failures.append(error)
-
-
-class FakeConn:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.idle_since = 0.0
-        self.attached: list[Exchange] = []
-        self.closed = False
-
-    @property
-    def usable(self) -> bool:
-        return not self.closed
-
-    def attach(self, exchange: Exchange) -> None:
-        exchange.phase = Phase.WAIT_RESPONSE
-        self.attached.append(exchange)
-
-    def close(self) -> None:
-        self.closed = True
+from tests.fakes import FakeConn, FakeDownstream
 
 
 def exchange(downstream: FakeDownstream) -> Exchange:
