@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 import orjson
 
+from proxy.http1.framing import STATUS_LINES
+
 MAX_REQUEST = 8192
 CONN_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64  # admin clients at once; more are refused so the supervisor keeps its descriptors
 
 Handler = Callable[[str, str], tuple[int, bytes, bytes]]  # (method, path) -> (status, content type, body)
-
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 503: b"Service Unavailable"}
 
 
 def json_response(status: int, payload: object) -> tuple[int, bytes, bytes]:
@@ -88,9 +88,8 @@ class AdminServer:
 
     def _reply(self, conn: socket.socket, response: tuple[int, bytes, bytes]) -> None:
         status, ctype, body = response
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
-            status,
-            _REASONS.get(status, b"Error"),
+        head = b"%s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
+            STATUS_LINES[status],
             ctype,
             len(body),
         )

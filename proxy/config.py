@@ -52,6 +52,7 @@ class ServerConfig:
     keepalive_timeout: float = 60.0  # idle keep-alive connection closed after this
     body_timeout: float = 60.0  # request body: max gap between reads -> 408
     send_timeout: float = 60.0  # response: client not reading for this long -> close
+    lingering_timeout: float = 2.0  # after an error answer, read and discard this long so the client sees it
     write_buffer_limit: int = 256 * KiB  # per-transport high-water mark (flow control)
     max_pipelined: int = 32  # requests parsed ahead of the one in flight
     # Headers.
@@ -276,6 +277,7 @@ _SERVER_PARSERS: dict[str, Callable[[object], Any]] = {
     "keepalive_timeout": _positive_duration,
     "body_timeout": _positive_duration,
     "send_timeout": _positive_duration,
+    "lingering_timeout": _positive_duration,
     "write_buffer_limit": parse_size,
     "max_pipelined": _positive_int,
     "request_id_header": _header_name,

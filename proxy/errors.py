@@ -44,6 +44,12 @@ class RequestTimeout(ProxyError):
     close = True
 
 
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "expectation_failed"
+    close = True
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"

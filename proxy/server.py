@@ -49,7 +49,6 @@ class WorkerState:
         self.clusters: dict[str, Cluster] = {}
         self.gateway: Pipeline | None = None
         self.draining = False
-        self.requests = 0
         self._id_prefix = b"%s-" % os.urandom(6).hex().encode()
         self._id_counter = 0
         self._tick_handle: asyncio.TimerHandle | None = None

@@ -14,8 +14,6 @@ import orjson
 
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 
-CRLF = b"\r\n"
-
 # Headers that describe one connection, never forwarded (RFC 9110 7.6.1 plus the de-facto ones).
 HOP_BY_HOP = frozenset(
     {

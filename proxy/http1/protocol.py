@@ -21,6 +21,7 @@ import httptools
 
 from proxy.errors import (
     BadRequest,
+    ExpectationFailed,
     GatewayTimeout,
     HeadersTooLarge,
     NotImplementedByProxy,
@@ -121,7 +122,7 @@ class Http1Settings:
         self.body_timeout = s.body_timeout
         self.send_timeout = s.send_timeout
         self.drain_idle_grace = s.drain_idle_grace
-        self.lingering_timeout = 2.0
+        self.lingering_timeout = s.lingering_timeout
         self.write_limit = s.write_buffer_limit
         rid = s.request_id_header.encode()
         self.special = dict(_BASE_SPECIAL)
@@ -436,10 +437,9 @@ class HttpProtocol(asyncio.Protocol):
             exchange.started = state.loop.time()
         if self.h_expect is not None:
             if self.h_expect.strip().lower() != b"100-continue":
-                raise _ExpectationFailed()
+                raise ExpectationFailed()
             exchange.expect_continue = http11 and kind is not BODY_NONE
         self.requests += 1
-        state.requests += 1
         if kind is not BODY_NONE:
             self.reading = exchange
             self.body_received = 0
@@ -774,12 +774,6 @@ class HttpProtocol(asyncio.Protocol):
 
 class _StopParsing(Exception):
     """Raised from a parser callback to stop parsing bytes that will never be answered."""
-
-
-class _ExpectationFailed(ProxyError):
-    status = 417
-    code = "expectation_failed"
-    close = True
 
 
 def _non_origin_target(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
