@@ -3,10 +3,12 @@
 #   docker run --rm -p 8080:8080 -v $PWD/my.toml:/etc/uvgate/uvgate.toml:ro uvgate
 # Run it with an init (`docker run --init`, or `init: true` in compose) so PID 1 reaps orphans.
 
-FROM python:3.11-slim AS build
+# The full image has the C compiler that mypyc needs for the compiled hot path (see setup.py);
+# the runtime image gets only the built wheel.
+FROM python:3.11 AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg setup.py README.md ./
 COPY proxy ./proxy
 COPY backend_stub ./backend_stub
 COPY auth_stub ./auth_stub

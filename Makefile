@@ -4,15 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.uvgate-installed
+# The hot-path modules are compiled in place with mypyc (setup.py lists them); any change under
+# proxy/ rebuilds them. `UVGATE_PURE_PYTHON=1 make build` leaves the tree pure Python instead.
+COMPILED := $(VENV)/.uvgate-compiled
+PROXY_SOURCES := $(wildcard proxy/*.py proxy/*/*.py)
 RUN_CONFIG ?= configs/dev.toml
 # e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s"
 ARGS ?=
 
-.PHONY: help venv test lint fmt run bench clean distclean
+.PHONY: help venv build test lint fmt run bench clean distclean
 
 help:
 	@echo "make run        start Redis, the stubs and the proxy (configs/dev.toml); prints URLs and a curl"
-	@echo "make test       ruff, ruff format --check, mypy --strict, pytest"
+	@echo "make test       ruff, ruff format --check, mypy --strict, pytest (on the compiled build)"
+	@echo "make build      compile the hot-path modules with mypyc (done by run, test and bench)"
 	@echo "make lint       ruff, ruff format --check, mypy --strict"
 	@echo "make fmt        apply ruff format and the safe ruff fixes"
 	@echo "make bench      wrk benchmark: direct-to-backend vs through the proxy (needs wrk)"
@@ -21,10 +26,18 @@ help:
 venv: $(STAMP)
 
 # Reinstall only when the packaging files change.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	UVGATE_PURE_PYTHON=1 $(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+build: $(COMPILED)
+
+$(COMPILED): $(STAMP) $(PROXY_SOURCES)
+	rm -f proxy/*.so proxy/*/*.so uvgate__mypyc*.so
+	$(BIN)/python setup.py -q build_ext --inplace
+	for f in proxy/*.so proxy/*/*.so uvgate__mypyc*.so; do if [ -e "$$f" ]; then touch "$$f"; fi; done
 	touch $@
 
 lint: venv
@@ -32,21 +45,22 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint build
 	$(BIN)/pytest -q
 
 fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-run: venv
+run: build
 	$(BIN)/python -m devstack run --config $(RUN_CONFIG) $(ARGS)
 
-bench: venv
+bench: build
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache $(COMPILED)
+	rm -f proxy/*.so proxy/*/*.so uvgate__mypyc*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from proxy import __version__
+from proxy import __version__, compiled
 from proxy.config import load
 from proxy.errors import ConfigError
 
@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", "-w", type=int, help="worker processes (overrides server.workers)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--version", action="version", version=f"uvgate {__version__}")
+    build = "mypyc-compiled" if compiled() else "pure Python"
+    parser.add_argument("--version", action="version", version=f"uvgate {__version__} ({build})")
     return parser
 
 

@@ -32,7 +32,7 @@ class Gateway:
     def __init__(self, config: Config, state: WorkerState, clusters: Mapping[str, Cluster]) -> None:
         self.state = state
         self.router: Router[Route] = Router(
-            (route.host, route.prefix, Route(route, clusters[route.upstream])) for route in config.routes
+            [(route.host, route.prefix, Route(route, clusters[route.upstream])) for route in config.routes]
         )
 
     def handle(self, exchange: Exchange) -> None:

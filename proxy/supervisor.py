@@ -29,8 +29,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from proxy import __version__, compiled, worker
 from proxy import config as config_mod
-from proxy import worker
 from proxy.admin import AdminServer, json_response
 from proxy.config import Address, Config
 from proxy.errors import ConfigError
@@ -288,7 +288,13 @@ class Supervisor:
             return
         if not self.ready_once and self._all_ready():
             self.ready_once = True
-            log.info("uvgate ready: listening on http://%s, admin on http://%s", self.listen, self.admin_address)
+            log.info(
+                "uvgate %s (%s) ready: listening on http://%s, admin on http://%s",
+                __version__,
+                "mypyc-compiled" if compiled() else "pure Python",
+                self.listen,
+                self.admin_address,
+            )
             sd_notify(self.notify_socket, "READY=1\nSTATUS=serving")
 
     def _all_ready(self) -> bool:

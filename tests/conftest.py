@@ -8,6 +8,7 @@ end). Function scope: `proxy_factory` starts proxies with a given config and alw
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,23 @@ from devstack import (
 )
 
 _FAILED = pytest.StashKey[bool]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test stale compiled modules: Python imports a module's .so before its .py.
+
+    mypyc puts the code of every compiled module in one shared library (uvgate__mypyc*.so at the
+    root) behind a small .so per module, so each source is compared with the oldest of them.
+    """
+    root = Path(__file__).resolve().parent.parent
+    shims = sorted((root / "proxy").rglob("*.so"))
+    if not shims:
+        return  # pure Python
+    oldest = min(path.stat().st_mtime for path in [*shims, *root.glob("uvgate__mypyc*.so")])
+    sources = [so.with_name(so.name.split(".", 1)[0] + ".py") for so in shims]
+    stale = [str(py.relative_to(root)) for py in sources if py.stat().st_mtime > oldest]
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; run `make build`", returncode=4)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -42,7 +42,7 @@ def connection_tokens(value: bytes) -> set[bytes]:
 
 def _hop_regex(extra: tuple[bytes, ...]) -> re.Pattern[bytes]:
     names = sorted(HOP_BY_HOP | set(extra))
-    alternatives = b"|".join(re.escape(name) for name in names)
+    alternatives = b"|".join([re.escape(name) for name in names])
     return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
 
 
@@ -63,7 +63,7 @@ class ResponseHeadRewriter:
         drop = tuple(name.lower() for name in drop)
         self._pattern = _hop_regex(drop)
         names = sorted(HOP_BY_HOP | set(drop) | {b"content-length"})
-        alternatives = b"|".join(re.escape(name) for name in names)
+        alternatives = b"|".join([re.escape(name) for name in names])
         # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
         self.scan = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)")
 

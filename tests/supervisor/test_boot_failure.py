@@ -60,6 +60,6 @@ def test_worker_boot_failure_stops_the_supervisor(
     assert "ImportError: uvloop is broken in this environment (test)" in failed[0][2], log
     starts = worker_starts(proxy)
     assert 1 <= len(starts) <= 2 and all(s.generation == 1 for s in starts), f"no restart loop:\n{log}"
-    assert "restarting in" not in log and "uvgate ready" not in log
+    assert "restarting in" not in log and "ready: listening" not in log
     assert "supervisor exiting with code 3" in log
     assert proxy.process.group_pids() == []
