@@ -26,11 +26,13 @@ help:
 venv: $(STAMP)
 
 # Reinstall only when the packaging files change.
+# The editable install compiles the hot path in place too, and maps the shared library of the
+# compiled modules (uvgate__mypyc, top level) so that they import from any directory.
 $(STAMP): setup.cfg pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	UVGATE_PURE_PYTHON=1 $(BIN)/python -m pip install -e '.[dev]'
-	touch $@
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@ $(COMPILED)
 
 build: $(COMPILED)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import ProxyError
-from proxy.exchange import Exchange, Phase
+from proxy.exchange import PHASE_DONE, PHASE_WAIT_RESPONSE, Exchange
 
 
 class MockTransport:
@@ -88,7 +88,7 @@ class FakeDownstream:
         self.failures: list[ProxyError] = []
 
     def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        exchange.phase = Phase.DONE
+        exchange.phase = PHASE_DONE
         self.failures.append(error)
 
 
@@ -104,7 +104,7 @@ class FakeConn:
         return not self.closed
 
     def attach(self, exchange: Exchange) -> None:
-        exchange.phase = Phase.WAIT_RESPONSE
+        exchange.phase = PHASE_WAIT_RESPONSE
         self.attached.append(exchange)
 
     def close(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
+from typing import Final
 
 import orjson
 
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 
 # Headers that describe one connection, never forwarded (RFC 9110 7.6.1 plus the de-facto ones).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -29,8 +30,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
-STATUS_LINES: dict[int, bytes] = {
+REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
+STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)
 }
 
@@ -46,8 +47,8 @@ def _hop_regex(extra: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
 
 
-_CONNECTION_VALUE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
-_DEFAULT_HOP = _hop_regex(())
+_CONNECTION_VALUE: Final = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_DEFAULT_HOP: Final = _hop_regex(())
 
 
 class ResponseHeadRewriter:
@@ -114,7 +115,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def error_response(status: int, code: str, request_id: bytes, *, close: bool, extra: bytes = b"") -> bytes:
@@ -134,7 +135,7 @@ def error_response(status: int, code: str, request_id: bytes, *, close: bool, ex
     )
 
 
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 def valid_request_id(value: bytes) -> bool:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -56,8 +57,17 @@ if TYPE_CHECKING:
     from proxy.server import WorkerState
 
 # Request headers the proxy handles itself instead of forwarding as they are.
-_HOST, _LENGTH, _TE, _CONNECTION, _HOP, _EXPECT, _XFF, _DROP, _REQUEST_ID, _UPGRADE = range(1, 11)
-_BASE_SPECIAL = {
+_HOST: Final = 1
+_LENGTH: Final = 2
+_TE: Final = 3
+_CONNECTION: Final = 4
+_HOP: Final = 5
+_EXPECT: Final = 6
+_XFF: Final = 7
+_DROP: Final = 8
+_REQUEST_ID: Final = 9
+_UPGRADE: Final = 10
+_BASE_SPECIAL: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -75,16 +85,16 @@ _BASE_SPECIAL = {
 }
 
 # Why reading is paused (a bit each); reading resumes when none is left.
-_PAUSE_PIPELINE = 1
-_PAUSE_BODY_BUFFER = 2
-_PAUSE_UPSTREAM = 4
-_PAUSE_CLIENT_BEHIND = 8  # the client does not read our answers: read no new requests from it
+_PAUSE_PIPELINE: Final = 1
+_PAUSE_BODY_BUFFER: Final = 2
+_PAUSE_UPSTREAM: Final = 4
+_PAUSE_CLIENT_BEHIND: Final = 8  # the client does not read our answers: read no new requests from it
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNKED_LINE = b"\r\ntransfer-encoding: chunked"
-_CLOSE_LINE = b"\r\nconnection: close"
-_KEEP_ALIVE_LINE = b"\r\nconnection: keep-alive"
-_NEVER = float("inf")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED_LINE: Final = b"\r\ntransfer-encoding: chunked"
+_CLOSE_LINE: Final = b"\r\nconnection: close"
+_KEEP_ALIVE_LINE: Final = b"\r\nconnection: keep-alive"
+_NEVER: Final = float("inf")
 
 
 class Http1Settings:
@@ -92,8 +102,8 @@ class Http1Settings:
 
     __slots__ = (
         "body_timeout",
+        "dispatch",
         "drain_idle_grace",
-        "gateway",
         "header_timeout",
         "keepalive_timeout",
         "lingering_timeout",
@@ -111,7 +121,7 @@ class Http1Settings:
 
     def __init__(self, state: WorkerState) -> None:
         assert state.gateway is not None, "the gateway is built before the protocols"
-        self.gateway = state.gateway
+        self.dispatch: Callable[[Exchange], None] = state.gateway.handle  # bound once: no lookup per request
         s = state.config.server
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -143,6 +153,7 @@ class HttpProtocol(asyncio.Protocol):
         "client_ip",
         "closing",
         "deferred_error",
+        "feed",
         "h_connection",
         "h_expect",
         "h_host",
@@ -175,6 +186,7 @@ class HttpProtocol(asyncio.Protocol):
         "trailer_raw",
         "transport",
         "url",
+        "write",
         "write_paused",
         "xff_line",
     )
@@ -186,6 +198,9 @@ class HttpProtocol(asyncio.Protocol):
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Bound methods kept: a call through them skips the method lookup on every request.
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.write: Callable[[bytes], None] = _not_connected
         self.client_ip = b""
         self.xff_line = b""
         self.out: list[bytes] = []
@@ -231,6 +246,7 @@ class HttpProtocol(asyncio.Protocol):
         """Accepted: remember the peer, set buffer limits, start the header clock."""
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self.settings.write_limit)
+        self.write = self.transport.write
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]).encode() if peer else b"unknown"
         self.xff_line = b"x-forwarded-for: %s\r\n" % self.client_ip
@@ -245,7 +261,7 @@ class HttpProtocol(asyncio.Protocol):
         was_idle = self.chunk_idle
         while True:
             try:
-                self.parser.feed_data(data)
+                self.feed(data)
             except httptools.HttpParserCallbackError as exc:
                 error = exc.__context__
                 if isinstance(error, _StopParsing):
@@ -307,7 +323,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.reading is None:
             self._pause(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None and exchange.phase == PHASE_WAIT_RESPONSE:
             exchange.upstream.pause_response()
 
     def resume_writing(self) -> None:
@@ -315,7 +331,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self._resume(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase is PHASE_WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None and exchange.phase == PHASE_WAIT_RESPONSE:
             exchange.upstream.resume_response()
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -405,7 +421,7 @@ class HttpProtocol(asyncio.Protocol):
             kind = BODY_LENGTH if length else BODY_NONE
         else:
             kind = BODY_NONE
-        if self.h_upgrade and kind is not BODY_NONE:
+        if self.h_upgrade and kind != BODY_NONE:
             # llhttp would take the body for the upgraded protocol's bytes; we never upgrade.
             raise BadRequest("upgrade_with_body")
         target = self.url
@@ -438,15 +454,15 @@ class HttpProtocol(asyncio.Protocol):
         if self.h_expect is not None:
             if self.h_expect.strip().lower() != b"100-continue":
                 raise ExpectationFailed()
-            exchange.expect_continue = http11 and kind is not BODY_NONE
+            exchange.expect_continue = http11 and kind != BODY_NONE
         self.requests += 1
-        if kind is not BODY_NONE:
+        if kind != BODY_NONE:
             self.reading = exchange
             self.body_received = 0
             self.body_deadline = state.now + settings.body_timeout
         if self.active is None:
             self.active = exchange
-            settings.gateway.handle(exchange)
+            settings.dispatch(exchange)
         else:
             self.queue.append(exchange)
             self._pause(_PAUSE_PIPELINE)
@@ -463,9 +479,9 @@ class HttpProtocol(asyncio.Protocol):
             raise PayloadTooLarge()
         self.body_deadline = self.state.now + self.settings.body_timeout
         phase = exchange.phase
-        if phase is PHASE_WAIT_RESPONSE:
+        if phase == PHASE_WAIT_RESPONSE:
             exchange.upstream.send_body(body)  # type: ignore[union-attr]
-        elif phase is not PHASE_DONE:
+        elif phase != PHASE_DONE:
             if exchange.pending_body is None:
                 exchange.pending_body = [body]
             else:
@@ -492,7 +508,7 @@ class HttpProtocol(asyncio.Protocol):
             self._pause(_PAUSE_CLIENT_BEHIND)  # the client fell behind during the body: no new requests now
         self.body_deadline = _NEVER
         exchange.body_done = True
-        if exchange.phase is PHASE_WAIT_RESPONSE:
+        if exchange.phase == PHASE_WAIT_RESPONSE:
             exchange.upstream.end_body()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ Downstream (called by upstream)
@@ -513,11 +529,11 @@ class HttpProtocol(asyncio.Protocol):
         self.out.append(self._head(exchange, status, head, body))
 
     def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
-        if kind is BODY_CHUNKED or kind is BODY_UNTIL_CLOSE:
+        if kind in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
             head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
             kind = BODY_LENGTH
         if self.transport is not None:
-            self.transport.write(b"".join((self._head(exchange, status, head, kind), body)))
+            self.write(b"".join((self._head(exchange, status, head, kind), body)))
         if exchange is self.active:
             self._finish_response(exchange, self.resp_keep_alive)
 
@@ -527,7 +543,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange.status = status
         keep = exchange.keep_alive and not self.state.draining and not self.closing
         chunked = False
-        if body is BODY_CHUNKED or body is BODY_UNTIL_CLOSE:
+        if body in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
             if self.http11:
                 chunked = True
             else:
@@ -558,7 +574,7 @@ class HttpProtocol(asyncio.Protocol):
     def response_flush(self) -> None:
         out = self.out
         if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def exchange_upstream_done(self, exchange: Exchange) -> None:
@@ -566,7 +582,7 @@ class HttpProtocol(asyncio.Protocol):
             self._finish_response(exchange, self.resp_keep_alive)
 
     def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        if exchange is not self.active or (exchange.phase is PHASE_DONE and exchange.response_started):
+        if exchange is not self.active or (exchange.phase == PHASE_DONE and exchange.response_started):
             return
         self._abandon_upstream(exchange, timed_out=isinstance(error, GatewayTimeout))
         exchange.phase = PHASE_DONE
@@ -606,7 +622,7 @@ class HttpProtocol(asyncio.Protocol):
             self.active = nxt
             if not self.queue:
                 self._resume(_PAUSE_PIPELINE)
-            self.settings.gateway.handle(nxt)
+            self.settings.dispatch(nxt)
         elif self.deferred_error is not None:
             self._answer_and_close(self.deferred_error)
         elif self.read_paused:
@@ -629,15 +645,15 @@ class HttpProtocol(asyncio.Protocol):
         """Detach `exchange` from whatever upstream resource it holds or waits for."""
         phase = exchange.phase
         upstream = exchange.upstream
-        if phase is PHASE_WAIT_CONNECTION:
+        if phase == PHASE_WAIT_CONNECTION:
             if exchange.waiting_on is not None:
                 exchange.waiting_on.cancel_waiter(exchange)
             exchange.phase = PHASE_DONE
-        elif phase is PHASE_CONNECTING:
+        elif phase == PHASE_CONNECTING:
             exchange.phase = PHASE_DONE
             if upstream is not None:
                 upstream.cancel_connect(timed_out)
-        elif phase is PHASE_WAIT_RESPONSE and upstream is not None:
+        elif phase == PHASE_WAIT_RESPONSE and upstream is not None:
             upstream.abort_exchange()
         exchange.upstream = None
 
@@ -723,7 +739,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
         exchange = self.active
         if exchange is not None:
-            if now > exchange.deadline and exchange.phase is not PHASE_DONE and exchange.phase is not PHASE_ROUTING:
+            if now > exchange.deadline and exchange.phase != PHASE_DONE and exchange.phase != PHASE_ROUTING:
                 self._upstream_timeout(exchange)
         elif not self.in_head and not self.queue:
             if self.state.draining:
@@ -740,9 +756,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upstream_timeout(self, exchange: Exchange) -> None:
         phase = exchange.phase
-        if phase is PHASE_WAIT_CONNECTION:
+        if phase == PHASE_WAIT_CONNECTION:
             error: ProxyError = ServiceUnavailable("upstream_pending_timeout")
-        elif phase is PHASE_CONNECTING:
+        elif phase == PHASE_CONNECTING:
             error = GatewayTimeout("upstream_connect_timeout")
         else:
             error = GatewayTimeout("upstream_response_timeout")
@@ -772,6 +788,10 @@ class HttpProtocol(asyncio.Protocol):
         return f"<HttpProtocol {self.client_ip.decode()} requests={self.requests} active={self.active}>"
 
 
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
+
+
 class _StopParsing(Exception):
     """Raised from a parser callback to stop parsing bytes that will never be answered."""
 
@@ -799,7 +819,7 @@ def _non_origin_target(method: bytes, target: bytes, host: bytes | None) -> tupl
     raise BadRequest("invalid_target")
 
 
-_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+_DOT_SEGMENTS: Final = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
 
 
 def _check_dot_segments(target: bytes) -> None:

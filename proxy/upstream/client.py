@@ -15,7 +15,8 @@ pause_writing -> the downstream stops reading the request body.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
     from proxy.server import WorkerState
     from proxy.upstream.pool import Cluster, Connector, ServerPool
 
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-_NEVER = float("inf")
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+_NEVER: Final = float("inf")
 
 
 def request_head(exchange: Exchange) -> list[bytes]:
@@ -51,9 +52,9 @@ def request_head(exchange: Exchange) -> list[bytes]:
         append(b"\r\n")
     append(exchange.forward_lines)
     kind = exchange.body_kind
-    if kind is BODY_LENGTH:
+    if kind == BODY_LENGTH:
         append(b"content-length: %d\r\n\r\n" % exchange.content_length)
-    elif kind is BODY_CHUNKED:
+    elif kind == BODY_CHUNKED:
         append(b"transfer-encoding: chunked\r\n\r\n")
     elif exchange.method in _BODY_METHODS:
         append(b"content-length: 0\r\n\r\n")
@@ -78,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "connect_task",
         "delivered",
         "exchange",
+        "feed",
         "got_bytes",
         "head",
         "head_buf",
@@ -99,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "timeout",
         "transport",
+        "write",
     )
 
     def __init__(
@@ -115,6 +118,9 @@ class UpstreamConnection(asyncio.Protocol):
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # Bound methods kept: a call through them skips the method lookup on every response.
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.write: Callable[[bytes], None] = _not_connected
         self.connect_task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]] | None = None
         self.pending: Exchange | None = None  # waiting for the connect to finish
         self.cancel_timed_out = False  # why the connect was cancelled: timeout (a failure) or client gone
@@ -148,6 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Connected; the connect task's done-callback attaches the pending exchange."""
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self.state.config.server.write_buffer_limit)
+        self.write = self.transport.write
 
     def connect_done(self, task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> None:
         """Done-callback of the connect task: attach the pending exchange or report the failure."""
@@ -166,11 +173,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster.connected(self.server)
         if self.closed:  # lost right after connecting
             self._drop_slot()
-            if exchange is not None and exchange.phase is PHASE_CONNECTING:
+            if exchange is not None and exchange.phase == PHASE_CONNECTING:
                 exchange.upstream = None
                 exchange.downstream.response_failed(exchange, BadGateway("upstream_closed"))
             return
-        if exchange is not None and exchange.phase is PHASE_CONNECTING:
+        if exchange is not None and exchange.phase == PHASE_CONNECTING:
             self.attach(exchange)
         else:
             self.cluster.release(self.server, self, now)  # its exchange is gone: the connection is still good
@@ -197,7 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.head_done:
             self.head_buf = self.head_buf + data if self.head_buf else data
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserCallbackError as exc:
             error = exc.__context__
             if isinstance(error, _Unsolicited) and self.complete:
@@ -261,7 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         exchange.upstream = None
         downstream = exchange.downstream
-        if self.head_done and self.body_kind is BODY_UNTIL_CLOSE and exc is None:
+        if self.head_done and self.body_kind == BODY_UNTIL_CLOSE and exc is None:
             self.complete = True  # a clean close ends a close-delimited body; a reset truncates it
             exchange.phase = PHASE_DONE
             if self.delivered:
@@ -308,7 +315,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         kind, self.head = self.rewriter.inspect(head, status, exchange.method == b"HEAD")
         self.body_kind = kind
-        if kind is BODY_NONE and exchange.method == b"HEAD":
+        if kind == BODY_NONE and exchange.method == b"HEAD":
             # llhttp cannot be told that a HEAD response has no body: finish here, new parser later.
             self.keep_alive = self.parser.should_keep_alive()
             self.reset_parser = True
@@ -351,14 +358,14 @@ class UpstreamConnection(asyncio.Protocol):
             downstream.upstream_ready(exchange)  # before the write, which may pause the body again
         parts = request_head(exchange)
         if exchange.pending_body:
-            chunked = exchange.body_kind is BODY_CHUNKED
+            chunked = exchange.body_kind == BODY_CHUNKED
             for piece in exchange.pending_body:
                 parts.append(chunk(piece) if chunked else piece)
             exchange.pending_body = None
             exchange.pending_bytes = 0
-        if exchange.body_done and exchange.body_kind is BODY_CHUNKED:
+        if exchange.body_done and exchange.body_kind == BODY_CHUNKED:
             parts.append(LAST_CHUNK)
-        self.transport.write(b"".join(parts))
+        self.write(b"".join(parts))
 
     def send_body(self, data: bytes) -> None:
         """A piece of request body (decoded); re-chunked when the request is chunked."""
@@ -367,14 +374,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if exchange.deadline != _NEVER:
             exchange.deadline = self.state.now + self.timeout
-        self.transport.write(chunk(data) if exchange.body_kind is BODY_CHUNKED else data)
+        self.transport.write(chunk(data) if exchange.body_kind == BODY_CHUNKED else data)
 
     def end_body(self) -> None:
         """The request body is complete."""
         exchange = self.exchange
         if exchange is None or self.transport is None or self.closed:
             return
-        if exchange.body_kind is BODY_CHUNKED:
+        if exchange.body_kind == BODY_CHUNKED:
             self.transport.write(LAST_CHUNK)
 
     def pause_response(self) -> None:
@@ -425,6 +432,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.phase = PHASE_DONE
         if self.reset_parser:
             self.parser = httptools.HttpResponseParser(self)
+            self.feed = self.parser.feed_data
             self.reset_parser = False
         if self.reading_paused and not self.closed:  # never pool a connection that is not being read
             self.reading_paused = False
@@ -449,6 +457,10 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("busy" if self.exchange else "idle")
         return f"<UpstreamConnection {self.server.address} {state} requests={self.requests}>"
+
+
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
 
 
 def make_connector(state: WorkerState) -> Connector:

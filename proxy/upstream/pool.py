@@ -160,7 +160,7 @@ class Cluster:
         while self.waiters:
             waiter = self.waiters.popleft()
             waiter.waiting_on = None
-            if waiter.phase is PHASE_WAIT_CONNECTION:
+            if waiter.phase == PHASE_WAIT_CONNECTION:
                 conn.attach(waiter)
                 return
         conn.idle_since = now
@@ -187,7 +187,7 @@ class Cluster:
         if server.fails >= self.config.max_fails:
             server.ejected_until = now + self.config.fail_cooldown
             server.fails = 0
-        if exchange is not None and exchange.phase is PHASE_CONNECTING:
+        if exchange is not None and exchange.phase == PHASE_CONNECTING:
             if timeout:
                 exchange.downstream.response_failed(exchange, GatewayTimeout("upstream_connect_timeout"))
             else:
@@ -206,7 +206,7 @@ class Cluster:
     def _serve_waiter(self, now: float) -> None:
         while self.waiters:
             waiter = self.waiters[0]
-            if waiter.phase is not PHASE_WAIT_CONNECTION:
+            if waiter.phase != PHASE_WAIT_CONNECTION:
                 self.waiters.popleft()
                 waiter.waiting_on = None
                 continue

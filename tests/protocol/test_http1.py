@@ -7,7 +7,7 @@ import pytest
 
 from proxy.config import build
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, PHASE_DONE, PHASE_WAIT_CONNECTION, Exchange
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.server import WorkerState
 from proxy.upstream.client import request_head
@@ -35,11 +35,11 @@ def connect(**server: object) -> tuple[HttpProtocol, MockTransport, RecordingGat
 def respond(protocol: HttpProtocol, exchange: Exchange, body: bytes = b"ok", head: bytes | None = None) -> None:
     """Play the upstream side of one response."""
     head = head or b"HTTP/1.1 200 OK\r\ncontent-length: %d" % len(body)
-    protocol.response_head(exchange, 200, head, BodyKind.LENGTH)
+    protocol.response_head(exchange, 200, head, BODY_LENGTH)
     protocol.response_body(body)
     protocol.response_end()
     protocol.response_flush()
-    exchange.phase = Phase.DONE
+    exchange.phase = PHASE_DONE
     protocol.exchange_upstream_done(exchange)
 
 
@@ -123,7 +123,7 @@ def test_framing_errors_answer_400_and_close(name: str) -> None:
     assert b"\r\nconnection: close\r\n" in out
     assert transport.closing
     # An exchange whose body turned out malformed was given up (its upstream, if any, aborted).
-    assert all(ex.phase is Phase.DONE for ex in gateway.exchanges)
+    assert all(ex.phase == PHASE_DONE for ex in gateway.exchanges)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_chunked_upstream_to_http10_client_is_close_delimited() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET / HTTP/1.0\r\n\r\n")
     exchange = gateway.exchanges[0]
-    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK", BodyKind.CHUNKED)
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK", BODY_CHUNKED)
     protocol.response_body(b"abc")
     protocol.response_end()
     protocol.response_flush()
@@ -216,7 +216,7 @@ def test_chunked_response_rechunked_for_http11() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
-    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\nX-A: b", BodyKind.CHUNKED)
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\nX-A: b", BODY_CHUNKED)
     protocol.response_body(b"hello")
     protocol.response_end()
     protocol.response_flush()
@@ -260,7 +260,7 @@ def test_failure_after_response_started_aborts() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
-    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\ncontent-length: 10", BodyKind.LENGTH)
+    protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\ncontent-length: 10", BODY_LENGTH)
     protocol.response_flush()
     protocol.response_failed(exchange, ProxyError("boom"))
     assert transport.aborted
@@ -285,10 +285,10 @@ def test_timeouts() -> None:
     protocol, transport, gateway, state = connect()
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
-    exchange.phase, exchange.deadline = Phase.WAIT_CONNECTION, state.now + 1
+    exchange.phase, exchange.deadline = PHASE_WAIT_CONNECTION, state.now + 1
     protocol.check(state.now + 2)
     assert parse_status(transport.take()) == 503
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == PHASE_DONE
 
 
 def test_idle_connection_closed_quickly_while_draining() -> None:

@@ -17,7 +17,7 @@ import pytest
 from devstack.rawhttp import RawResponse, parse_response
 from proxy.config import Address, UpstreamConfig, build
 from proxy.errors import NotFound, ServiceUnavailable
-from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.exchange import BODY_LENGTH, BODY_NONE, PHASE_DONE, PHASE_WAIT_CONNECTION, PHASE_WAIT_RESPONSE, Exchange
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
 from proxy.http1.protocol import Http1Settings, HttpProtocol
@@ -195,11 +195,11 @@ class Proxied:
 def respond(protocol: HttpProtocol, exchange: Exchange, body: bytes = b"ok") -> None:
     """Play the upstream side of one response."""
     head = b"HTTP/1.1 200 OK\r\ncontent-length: %d" % len(body)
-    protocol.response_head(exchange, 200, head, BodyKind.LENGTH)
+    protocol.response_head(exchange, 200, head, BODY_LENGTH)
     protocol.response_body(body)
     protocol.response_end()
     protocol.response_flush()
-    exchange.phase = Phase.DONE
+    exchange.phase = PHASE_DONE
     protocol.exchange_upstream_done(exchange)
 
 
@@ -306,7 +306,7 @@ def test_body_buffer_pause_ends_with_an_exchange_answered_early() -> None:
     client.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
     (exchange,) = gateway.exchanges
     assert transport.paused()
-    exchange.phase = Phase.WAIT_CONNECTION
+    exchange.phase = PHASE_WAIT_CONNECTION
     client.response_failed(exchange, ServiceUnavailable("upstream_pending_timeout"))
     assert statuses(transport.take()) == [503]
     assert not transport.closing
@@ -320,7 +320,7 @@ def test_upstream_pause_ends_with_an_exchange_answered_early() -> None:
     client, transport, gateway, _ = connect(max_body_bytes="1MiB")
     client.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
     (exchange,) = gateway.exchanges
-    exchange.phase = Phase.WAIT_RESPONSE
+    exchange.phase = PHASE_WAIT_RESPONSE
     client.pause_reading()  # the upstream's write buffer is full
     assert transport.paused()
     respond(client, exchange, b"nope")  # answered before the body was sent (e.g. 413), connection kept
@@ -443,13 +443,13 @@ def test_retry_after_connect_failure_uses_an_idle_connection_of_another_server()
         b.open += 1
         cluster.release(b, conn, now=0.0)
     down = FakeDownstream()
-    exchange = Exchange(down, b"GET", b"/", b"h", [], b"id", b"", BodyKind.NONE, -1)  # type: ignore[arg-type]
+    exchange = Exchange(down, b"GET", b"/", b"h", [], b"id", b"", BODY_NONE, -1)  # type: ignore[arg-type]
     cluster._rr = 0  # round robin: A first
     cluster.dispatch(exchange, now=1.0)
     assert connects == [(a, exchange)]
     cluster.connect_failed(a, exchange, now=1.5, timeout=False)  # A refuses the connection
     assert not down.failures, [f.detail for f in down.failures]
-    assert idle[1].attached == [exchange] and exchange.phase is Phase.WAIT_RESPONSE
+    assert idle[1].attached == [exchange] and exchange.phase == PHASE_WAIT_RESPONSE
     assert len(connects) == 1
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.exchange import BodyKind
+from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.http1.framing import (
     ResponseHeadRewriter,
     chunk,
@@ -59,14 +59,14 @@ def test_request_id_validation(value: bytes, ok: bool) -> None:
 @pytest.mark.parametrize(
     ("head", "status", "method", "kind"),
     [
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"GET", BodyKind.LENGTH),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked", 200, b"GET", BodyKind.CHUNKED),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked", 200, b"GET", BodyKind.CHUNKED),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", 200, b"GET", BodyKind.UNTIL_CLOSE),
-        (b"HTTP/1.1 200 OK\r\nServer: x", 200, b"GET", BodyKind.UNTIL_CLOSE),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"HEAD", BodyKind.NONE),
-        (b"HTTP/1.1 204 No Content", 204, b"GET", BodyKind.NONE),
-        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5", 304, b"GET", BodyKind.NONE),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"GET", BODY_LENGTH),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked", 200, b"GET", BODY_CHUNKED),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked", 200, b"GET", BODY_CHUNKED),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", 200, b"GET", BODY_UNTIL_CLOSE),
+        (b"HTTP/1.1 200 OK\r\nServer: x", 200, b"GET", BODY_UNTIL_CLOSE),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"HEAD", BODY_NONE),
+        (b"HTTP/1.1 204 No Content", 204, b"GET", BODY_NONE),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5", 304, b"GET", BODY_NONE),
     ],
 )
 def test_response_body_kind(head: bytes, status: int, method: bytes, kind: BodyKind) -> None:
@@ -77,7 +77,7 @@ def test_response_body_kind(head: bytes, status: int, method: bytes, kind: BodyK
 
 def test_inspect_leaves_plain_heads_alone() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b"
-    assert ResponseHeadRewriter().inspect(head, 200, False) == (BodyKind.LENGTH, head)
+    assert ResponseHeadRewriter().inspect(head, 200, False) == (BODY_LENGTH, head)
     old = b"HTTP/1.0 200 OK\r\nContent-Length: 5"
     assert ResponseHeadRewriter().inspect(old, 200, False)[1] == b"HTTP/1.1 200 OK\r\nContent-Length: 5"
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from proxy.config import Address, UpstreamConfig
-from proxy.exchange import BodyKind, Exchange, Phase
+from proxy.exchange import BODY_NONE, PHASE_CONNECTING, PHASE_DONE, PHASE_WAIT_CONNECTION, Exchange
 from proxy.upstream.pool import Cluster, ServerPool
 from tests.fakes import FakeConn, FakeDownstream
 
 
 def exchange(downstream: FakeDownstream) -> Exchange:
-    return Exchange(downstream, b"GET", b"/", b"h", [], b"id", b"", BodyKind.NONE, -1)  # type: ignore[arg-type]
+    return Exchange(downstream, b"GET", b"/", b"h", [], b"id", b"", BODY_NONE, -1)  # type: ignore[arg-type]
 
 
 def make(servers: int = 1, **kw: object) -> tuple[Cluster, list[tuple[ServerPool, Exchange]]]:
@@ -27,7 +27,7 @@ def test_connects_then_reuses_lifo() -> None:
     down = FakeDownstream()
     first = exchange(down)
     cluster.dispatch(first, now=0.0)
-    assert first.phase is Phase.CONNECTING and first.deadline == 2.0
+    assert first.phase == PHASE_CONNECTING and first.deadline == 2.0
     server = connects[0][0]
     a, b = FakeConn("a"), FakeConn("b")
     server.open = 2
@@ -65,12 +65,12 @@ def test_limit_queues_waiters_fifo_and_release_hands_over() -> None:
     cluster.dispatch(first, now=0.0)
     cluster.dispatch(second, now=0.0)
     cluster.dispatch(third, now=0.0)
-    assert second.phase is Phase.WAIT_CONNECTION and second.deadline == 5.0
+    assert second.phase == PHASE_WAIT_CONNECTION and second.deadline == 5.0
     cluster.dispatch(fourth, now=0.0)
     assert [f.detail for f in down.failures] == ["upstream_overflow"]
     conn = FakeConn("c")
     server = cluster.servers[0]
-    second.phase = Phase.DONE  # gave up (timeout or client gone): skipped
+    second.phase = PHASE_DONE  # gave up (timeout or client gone): skipped
     cluster.release(server, conn, now=1.0)
     assert conn.attached == [third]
     assert not server.idle
@@ -85,7 +85,7 @@ def test_discard_frees_a_slot_for_a_waiter() -> None:
     server = cluster.servers[0]
     cluster.discard(server, None, now=1.0)
     assert [ex for _, ex in connects] == [first, second]
-    assert second.phase is Phase.CONNECTING and server.open == 1
+    assert second.phase == PHASE_CONNECTING and server.open == 1
 
 
 def test_round_robin_and_ejection_after_consecutive_failures() -> None:
@@ -118,7 +118,7 @@ def test_connect_failure_tries_next_server_then_fails_503() -> None:
     first_server = connects[-1][0]
     cluster.connect_failed(first_server, ex, now=0.0, timeout=False)
     second_server = connects[-1][0]
-    assert second_server is not first_server and ex.phase is Phase.CONNECTING
+    assert second_server is not first_server and ex.phase == PHASE_CONNECTING
     cluster.connect_failed(second_server, ex, now=0.0, timeout=False)
     assert [f.status for f in down.failures] == [503]
 
