@@ -169,7 +169,9 @@ class HttpProtocol(asyncio.Protocol):
         "http11",
         "idle_since",
         "in_head",
+        "keeps_alive",
         "linger_deadline",
+        "method_of",
         "n_headers",
         "out",
         "parse_failed",
@@ -200,6 +202,8 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         # Bound methods kept: a call through them skips the method lookup on every request.
         self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.keeps_alive: Callable[[], bool] = self.parser.should_keep_alive
+        self.method_of: Callable[[], bytes] = self.parser.get_method
         self.write: Callable[[bytes], None] = _not_connected
         self.client_ip = b""
         self.xff_line = b""
@@ -390,17 +394,16 @@ class HttpProtocol(asyncio.Protocol):
         self.in_head = False
         settings = self.settings
         state = self.state
-        parser = self.parser
-        keep_alive = parser.should_keep_alive()
+        keep_alive = self.keeps_alive()
         if self.requests == 0 or not keep_alive or self.h_connection is not None:
-            version = parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
+            version = self.parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
             http11 = version == "1.1"
             if not http11 and version != "1.0":
                 raise VersionNotSupported()
             self.http11 = http11
         else:
             http11 = self.http11  # 1.1 keep-alive without a Connection header: same as before on this connection
-        method = parser.get_method()
+        method = self.method_of()
         if method == b"CONNECT":
             raise NotImplementedByProxy("connect_not_supported")
         # Framing: llhttp already rejected CL+TE, duplicate or malformed Content-Length and bad TE lists.

@@ -87,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_start",
         "idle_since",
         "keep_alive",
+        "keeps_alive",
         "max_head",
         "parser",
         "parts",
@@ -99,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         "slot_held",
         "state",
         "status",
+        "status_of",
         "timeout",
         "transport",
         "write",
@@ -120,6 +122,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         # Bound methods kept: a call through them skips the method lookup on every response.
         self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.status_of: Callable[[], int] = self.parser.get_status_code
+        self.keeps_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.write: Callable[[bytes], None] = _not_connected
         self.connect_task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]] | None = None
         self.pending: Exchange | None = None  # waiting for the connect to finish
@@ -301,7 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.exchange
         assert exchange is not None
-        status = self.parser.get_status_code()
+        status = self.status_of()
         buf = self.head_buf
         end = buf.find(b"\r\n\r\n", self.head_start)
         if status < 200:
@@ -317,7 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_kind = kind
         if kind == BODY_NONE and exchange.method == b"HEAD":
             # llhttp cannot be told that a HEAD response has no body: finish here, new parser later.
-            self.keep_alive = self.parser.should_keep_alive()
+            self.keep_alive = self.keeps_alive()
             self.reset_parser = True
             self.complete = True
 
@@ -333,7 +337,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.head_done or self.complete:
             return  # end of an informational response, or a HEAD response finished early
         self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = self.keeps_alive()
         if self.delivered:
             self.exchange.downstream.response_end()  # type: ignore[union-attr]
 
@@ -433,6 +437,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reset_parser:
             self.parser = httptools.HttpResponseParser(self)
             self.feed = self.parser.feed_data
+            self.status_of = self.parser.get_status_code
+            self.keeps_alive = self.parser.should_keep_alive
             self.reset_parser = False
         if self.reading_paused and not self.closed:  # never pool a connection that is not being read
             self.reading_paused = False
