@@ -2,10 +2,12 @@
 
 Theory of operation: one SO_REUSEPORT listening socket per worker slot is bound here and never
 closed while the service runs, so connections queued on a slot wait for its next worker instead
-of being reset. Workers are forked (the supervisor runs no threads and no event loop, so fork is
-safe) and report through a pipe: `R` ready, `.` heartbeat, `E<reason>` boot failure.
-Signal handlers only enqueue; the main loop (a `selectors` loop that also serves the admin
-listener) dispatches `handle_<signal>`:
+of being reset. A slot socket is bound here but put into listening state by its first worker
+(uvloop's `create_server` calls listen): only then does it join the kernel's SO_REUSEPORT group
+and get connections, so a socket added for a reload that then fails never held any. Workers are
+forked (the supervisor runs no threads and no event loop, so fork is safe) and report through a
+pipe: `R` ready, `.` heartbeat, `E<reason>` boot failure. Signal handlers only enqueue; the main
+loop (a `selectors` loop that also serves the admin listener) dispatches `handle_<signal>`:
 - SIGCHLD: reap; a worker of the current generation that dies after being ready is replaced on
   its slot with exponential backoff; one that dies before ever being ready stops the supervisor
   (exit 3) with its reason, instead of a crash loop.
@@ -76,8 +78,9 @@ class Reload:
     started: float = 0.0
 
 
-def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True) -> socket.socket:
-    """A listening socket; with `reuse_port`, one of several SO_REUSEPORT sockets on the same address."""
+def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True, listen: bool = True) -> socket.socket:
+    """A bound socket, listening unless told otherwise; with `reuse_port`, one of several SO_REUSEPORT
+    sockets on the same address (the kernel spreads connections over those that listen)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -85,7 +88,8 @@ def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True) ->
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -173,11 +177,11 @@ class Supervisor:
                 self.config = replace(self.config, server=replace(server, workers=count))
             self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(count)]
         else:
-            first = bind_listener(server.listen, server.backlog)
+            first = bind_listener(server.listen, server.backlog, listen=False)
             self.listen = Address(server.listen.host, first.getsockname()[1])
             self.slots = [Slot(0, first)]
             for index in range(1, server.workers):
-                self.slots.append(Slot(index, bind_listener(self.listen, server.backlog)))
+                self.slots.append(Slot(index, bind_listener(self.listen, server.backlog, listen=False)))
         admin_sock = bind_listener(server.admin_listen, 64, reuse_port=False)
         self.admin = AdminServer(admin_sock, self.selector, self._admin)
         self.admin_address = Address(server.admin_listen.host, admin_sock.getsockname()[1])
@@ -431,7 +435,7 @@ class Supervisor:
             if self.inherited:
                 sock = self.inherited[index % len(self.inherited)]
             else:
-                sock = bind_listener(self.listen, self.config.server.backlog)
+                sock = bind_listener(self.listen, self.config.server.backlog, listen=False)  # (see the top)
             self.slots.append(Slot(index, sock))
 
     def _close_slot_sockets(self, slots: list[Slot]) -> None:

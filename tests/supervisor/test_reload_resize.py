@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
-from devstack import ProxyFactory, Service
+from devstack import ProxyFactory, RawHTTPConnection, Service
+from devstack.stack import PROJECT_ROOT
 
-from .helpers import children, config, readyz, wait_for_log, wait_until, worker_starts, write_config
+from .helpers import children, config, log_matches, readyz, wait_for_log, wait_until, worker_starts, write_config
 
 
 def test_reload_to_fewer_then_more_workers(proxy_factory: ProxyFactory, backend_stub: Service) -> None:
@@ -35,4 +38,39 @@ def test_reload_to_fewer_then_more_workers(proxy_factory: ProxyFactory, backend_
     gen3 = {s.pid for s in worker_starts(proxy) if s.generation == 3}
     assert len(gen3) == 3
     wait_until(lambda: children(proxy) == gen3, 15.0, "the three generation-3 workers", proxy)
+    assert readyz(proxy) == 200
+
+
+def test_failed_reload_to_more_workers_strands_no_connection(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """A reload adds a slot, its worker fails to boot, the slot's socket is closed again. Connections
+    made meanwhile must all reach the old worker: a socket only joins the SO_REUSEPORT group when a
+    worker listens on it, so none can be queued on the added socket and reset when it closes."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
+    proxy = proxy_factory(config(workers=1), workers=None, env=env)
+    (old,) = children(proxy)
+
+    # From now on a new worker cannot import uvloop: the next generation fails at boot.
+    (shadow / "uvloop.py").write_text('raise ImportError("uvloop is broken for the next generation (test)")\n')
+    write_config(proxy, config(workers=2))
+    opened: list[RawHTTPConnection] = []
+    try:
+        proxy.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20.0
+        while not log_matches(proxy, r"reload aborted"):
+            assert time.monotonic() < deadline, f"the reload was not aborted:\n{proxy.read_log()}"
+            for _ in range(10):  # connect while the added socket exists (connect only: nothing is sent yet)
+                opened.append(RawHTTPConnection(proxy.host, proxy.port, timeout=10.0))
+        assert len(opened) >= 10
+        for conn in opened:
+            conn.request("GET", "/api/resource")
+        statuses = [conn.read_response().status for conn in opened]
+    finally:
+        for conn in opened:
+            conn.close()
+    assert statuses == [200] * len(opened), statuses
+    assert children(proxy) == {old}
     assert readyz(proxy) == 200
