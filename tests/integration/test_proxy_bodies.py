@@ -18,11 +18,10 @@ from typing import Any
 
 from devstack import ProxyFactory, ProxyService, RawHTTPConnection, Service
 from devstack.procfs import rss_bytes
+from tests.helpers import IO_TIMEOUT, pattern
 
-IO_TIMEOUT = 5.0
 BIG_TIMEOUT = 30.0
 TEN_MB = 10 * 1024 * 1024
-PATTERN = b"0123456789abcdef"
 
 Connect = Callable[..., RawHTTPConnection]
 
@@ -33,10 +32,6 @@ def _config() -> dict[str, Any]:
         "upstreams": {"backend": {"servers": ["127.0.0.1:9"]}},
         "routes": [{"prefix": "/", "upstream": "backend"}],
     }
-
-
-def _pattern(length: int) -> bytes:
-    return (PATTERN * (length // len(PATTERN) + 1))[:length]
 
 
 def _chunked(body: bytes, size: int) -> bytes:
@@ -221,7 +216,7 @@ def test_10mb_upload_content_length_and_chunked(
 
 def test_10mb_download_content_length_and_chunked(backend_stub: Service, proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(_config())
-    expected = _pattern(TEN_MB)
+    expected = pattern(TEN_MB)
     with _connect(proxy) as sock:
         sock.sendall(_request_bytes(proxy, "GET", f"/sized?bytes={TEN_MB}"))
         response = StreamedResponse(sock, BIG_TIMEOUT).read()
@@ -275,7 +270,7 @@ def test_slow_reader_is_backpressured_not_buffered(backend_stub: Service, proxy_
     elapsed = time.monotonic() - started
 
     assert response.status == 200
-    assert bytes(response.body) == _pattern(TEN_MB)
+    assert bytes(response.body) == pattern(TEN_MB)
     assert reads >= 200  # the response really was read slowly, in small pieces
     growth = {pid: peak[pid] - baseline.get(pid, peak[pid]) for pid in peak}
     # Measured: ~0.5 MB with flow control; ~6.7 MB when the upstream is not paused (the rest sits in kernel buffers).
@@ -289,7 +284,7 @@ def test_dripping_upstream_streams_through(backend_stub: Service, proxy_factory:
         sock.sendall(_request_bytes(proxy, "GET", "/drip?bytes=4000&chunks=4&interval_ms=400"))
         response = StreamedResponse(sock, BIG_TIMEOUT).read()
     assert response.status == 200
-    assert bytes(response.body) == _pattern(4000)
+    assert bytes(response.body) == pattern(4000)
     first_time = response.arrivals[0][0]
     last_time = response.arrivals[-1][0]
     # The upstream spends 1.2 s between its first and last piece; a buffering proxy delivers all at once.

@@ -8,17 +8,14 @@ The backend_stub fixture is shared by the whole session: its counters are only c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
-from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, http_get
+from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service
 from devstack.rawhttp import build_request, parse_response
+from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, assert_json_error, backend_stats, pattern
 
-IO_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 5.0
 API_BODY = {"id": 1, "name": "resource", "tags": ["a", "b"], "ok": True}
-PATTERN = b"0123456789abcdef"
 
 Connect = Callable[..., RawHTTPConnection]
 
@@ -29,17 +26,6 @@ def _config(server: dict[str, Any] | None = None, routes: list[dict[str, Any]] |
         "upstreams": {"backend": {"servers": ["127.0.0.1:9"]}},
         "routes": routes if routes is not None else [{"prefix": "/", "upstream": "backend"}],
     }
-
-
-def _backend_stats(backend: Service) -> dict[str, int]:
-    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
-    assert status == 200
-    stats: dict[str, int] = json.loads(body)
-    return stats
-
-
-def _pattern(length: int) -> bytes:
-    return (PATTERN * (length // len(PATTERN) + 1))[:length]
 
 
 def _get(conn: RawHTTPConnection, target: str, **kwargs: Any) -> RawResponse:
@@ -58,15 +44,6 @@ def _echo(conn: RawHTTPConnection, target: str = "/echo", **kwargs: Any) -> dict
     return echoed
 
 
-def _assert_json_error(response: RawResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, response.raw[:500]
-    assert (response.header("content-type") or "").startswith("application/json")
-    payload: dict[str, Any] = response.json()
-    assert isinstance(payload["error"], str) and payload["error"]
-    assert payload["request_id"] == response.header("x-request-id")
-    return payload
-
-
 # ---------------------------------------------------------------------------------------------- connection reuse
 
 
@@ -75,12 +52,12 @@ def test_keep_alive_reuses_one_upstream_connection(
 ) -> None:
     proxy = proxy_factory(_config())
     # Each /stats call is itself one accepted connection (counted before it answers).
-    before = _backend_stats(backend_stub)["connections_accepted"]
+    before = backend_stats(backend_stub)["connections_accepted"]
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     for i in range(50):
         _echo(conn, f"/echo/keepalive-{i}")
     assert not conn.closed_by_peer(0.05)
-    middle = _backend_stats(backend_stub)["connections_accepted"]
+    middle = backend_stats(backend_stub)["connections_accepted"]
     assert middle - before - 1 == 1, "50 requests on one client connection should use one upstream connection"
 
     for c in range(5):
@@ -92,7 +69,7 @@ def test_keep_alive_reuses_one_upstream_connection(
         assert last.header("connection") == "close"
         assert client.closed_by_peer(CLOSE_TIMEOUT)
         client.close()
-    after = _backend_stats(backend_stub)["connections_accepted"]
+    after = backend_stats(backend_stub)["connections_accepted"]
     assert after - middle - 1 == 0, "sequential client connections should reuse the pooled upstream connection"
 
 
@@ -271,7 +248,7 @@ def test_head_has_no_body_and_keeps_content_length(
     assert conn.read_response(head_request=True).status == 200
     # No body bytes followed either head: the next response parses from the first byte.
     assert conn.buffer == b""
-    assert _get(conn, "/sized?bytes=100").body == _pattern(100)
+    assert _get(conn, "/sized?bytes=100").body == pattern(100)
     assert not conn.closed_by_peer(0.05)
     assert conn.buffer == b""
 
@@ -328,7 +305,7 @@ def test_http10_client(backend_stub: Service, proxy_factory: ProxyFactory, raw_c
     assert consumed == len(data)
     assert response.status == 200
     assert response.header("transfer-encoding") is None
-    assert response.body == _pattern(5000)
+    assert response.body == pattern(5000)
 
     # HTTP/1.0 keep-alive is honoured.
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
@@ -346,15 +323,15 @@ def test_http10_client(backend_stub: Service, proxy_factory: ProxyFactory, raw_c
 
 def test_no_route_answers_404_json(backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
     proxy = proxy_factory(_config(routes=[{"prefix": "/api/", "upstream": "backend"}]))
-    before = _backend_stats(backend_stub)["requests"]
+    before = backend_stats(backend_stub)["requests"]
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
-    _assert_json_error(_get(conn, "/nothing/here"), 404)
-    _assert_json_error(_get(conn, "/echo"), 404)
+    assert_json_error(_get(conn, "/nothing/here"), 404)
+    assert_json_error(_get(conn, "/echo"), 404)
     # A 404 does not cost the connection.
     response = _get(conn, "/api/items")
     assert response.status == 200
     assert response.json() == API_BODY
-    assert _backend_stats(backend_stub)["requests"] - before == 2  # /api/items and this /stats
+    assert backend_stats(backend_stub)["requests"] - before == 2  # /api/items and this /stats
 
 
 def test_host_routing(backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
@@ -362,8 +339,8 @@ def test_host_routing(backend_stub: Service, proxy_factory: ProxyFactory, raw_co
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     assert _echo(conn, host="a.example")["headers"]["host"] == "a.example"
     assert _get(conn, "/echo", host="A.Example:8080").status == 200  # case and port are ignored
-    _assert_json_error(_get(conn, "/echo", host="b.example"), 404)
-    _assert_json_error(_get(conn, "/echo", host=f"{proxy.host}:{proxy.port}"), 404)
+    assert_json_error(_get(conn, "/echo", host="b.example"), 404)
+    assert_json_error(_get(conn, "/echo", host=f"{proxy.host}:{proxy.port}"), 404)
     # Absolute-form: the target's authority is the host, whatever the Host header says.
     conn.request("GET", "http://a.example/echo/absolute", host="b.example")
     response = conn.read_response()

@@ -9,17 +9,22 @@ timeout), 503 (pool and wait queue full, pending timeout). Timeouts are configur
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from devstack import ProxyFactory, RawHTTPConnection, RawResponse, Service, http_get
+from devstack import ProxyFactory, RawHTTPConnection, Service
+from tests.helpers import (
+    CLOSE_TIMEOUT,
+    IO_TIMEOUT,
+    assert_closed_after_response,
+    assert_json_error,
+    backend_requests,
+    wait_backend_requests,
+)
 
-IO_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 5.0
 API_BODY = {"id": 1, "name": "resource", "tags": ["a", "b"], "ok": True}
 TIMEOUT = 0.5  # the downstream and upstream timeouts configured below
 # Deadlines are measured against the worker's coarse clock, refreshed once per tick (a quarter of the
@@ -36,42 +41,6 @@ def _config(server: dict[str, Any] | None = None, upstream: dict[str, Any] | Non
         "upstreams": {"backend": {"servers": ["127.0.0.1:9"], **(upstream or {})}},
         "routes": [{"prefix": "/", "upstream": "backend"}],
     }
-
-
-def _backend_requests(backend: Service) -> int:
-    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
-    assert status == 200
-    requests: int = json.loads(body)["requests"]
-    return requests
-
-
-def _wait_backend_saw(backend: Service, before: int, count: int, timeout: float = IO_TIMEOUT) -> None:
-    """Wait until `count` requests besides our own /stats polls reached the backend since `before`."""
-    deadline = time.monotonic() + timeout
-    polls = 0
-    while True:
-        polls += 1
-        seen = _backend_requests(backend) - before - polls
-        if seen >= count:
-            return
-        assert time.monotonic() < deadline, f"the backend saw {seen} of {count} requests in time"
-        time.sleep(0.01)
-
-
-def _assert_json_error(response: RawResponse, status: int, hint: str = "") -> dict[str, Any]:
-    """A JSON error answer; `hint` is a word its error code must contain, where the status alone is ambiguous."""
-    assert response.status == status, response.raw[:500]
-    assert (response.header("content-type") or "").startswith("application/json")
-    payload: dict[str, Any] = response.json()
-    assert isinstance(payload["error"], str) and payload["error"]
-    assert payload["request_id"] == response.header("x-request-id")
-    assert hint in payload["error"], payload
-    return payload
-
-
-def _assert_closed_after_response(conn: RawHTTPConnection) -> None:
-    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open"
-    assert conn.buffer == b"", f"unexpected bytes after the response: {conn.buffer[:300]!r}"
 
 
 def _readable(conn: RawHTTPConnection) -> bool:
@@ -92,8 +61,8 @@ def test_too_many_headers_431(backend_stub: Service, proxy_factory: ProxyFactory
 
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.request("GET", "/echo", headers=[(f"X-H{i}", "v") for i in range(40)])
-    _assert_json_error(conn.read_response(), 431)
-    _assert_closed_after_response(conn)
+    assert_json_error(conn.read_response(), 431)
+    assert_closed_after_response(conn)
 
 
 def test_too_large_headers_431(backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
@@ -104,14 +73,14 @@ def test_too_large_headers_431(backend_stub: Service, proxy_factory: ProxyFactor
 
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.request("GET", "/echo", headers={"X-Big": "a" * 8000})
-    _assert_json_error(conn.read_response(), 431)
-    _assert_closed_after_response(conn)
+    assert_json_error(conn.read_response(), 431)
+    assert_closed_after_response(conn)
 
     # Many small headers adding up past the limit.
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.request("GET", "/echo", headers=[(f"X-Part-{i}", "b" * 200) for i in range(30)])
-    _assert_json_error(conn.read_response(), 431)
-    _assert_closed_after_response(conn)
+    assert_json_error(conn.read_response(), 431)
+    assert_closed_after_response(conn)
 
 
 # ---------------------------------------------------------------------------------------------- body limits
@@ -121,30 +90,30 @@ def test_content_length_over_max_body_413(
     backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect
 ) -> None:
     proxy = proxy_factory(_config(server={"max_body_bytes": 1000}))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     ok = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     ok.request("POST", "/echo", body=b"x" * 1000)
     assert ok.read_response().json()["body_length"] == 1000
 
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.request("POST", "/echo", headers=[("Content-Length", "5000")])  # head only: answered before the body
-    _assert_json_error(conn.read_response(), 413)
-    _assert_closed_after_response(conn)
-    assert _backend_requests(backend_stub) - before == 2  # the 1000-byte echo and this /stats
+    assert_json_error(conn.read_response(), 413)
+    assert_closed_after_response(conn)
+    assert backend_requests(backend_stub) - before == 2  # the 1000-byte echo and this /stats
 
 
 def test_chunked_body_growing_over_max_body_413(
     backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect
 ) -> None:
     proxy = proxy_factory(_config(server={"max_body_bytes": 2048}))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.request("POST", "/echo", headers=[("Transfer-Encoding", "chunked")])
     conn.send(b"".join(b"400\r\n" + b"z" * 1024 + b"\r\n" for _ in range(3)) + b"0\r\n\r\n")
-    _assert_json_error(conn.read_response(), 413)
-    _assert_closed_after_response(conn)
+    assert_json_error(conn.read_response(), 413)
+    assert_closed_after_response(conn)
     # The backend never received a complete request.
-    assert _backend_requests(backend_stub) - before == 1
+    assert backend_requests(backend_stub) - before == 1
 
 
 # ---------------------------------------------------------------------------------------------- downstream timeouts
@@ -159,9 +128,9 @@ def test_slow_header_408_and_closed(
     conn.send(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     response = conn.read_response(timeout=IO_TIMEOUT)
     elapsed = time.monotonic() - started
-    _assert_json_error(response, 408, "header")
+    assert_json_error(response, 408, "header")
     assert elapsed >= EARLIEST, f"408 after {elapsed:.2f}s, before header_timeout"
-    _assert_closed_after_response(conn)
+    assert_closed_after_response(conn)
 
 
 def test_idle_connections_closed(backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
@@ -197,9 +166,9 @@ def test_slow_body_408_and_closed(backend_stub: Service, proxy_factory: ProxyFac
     conn.send(b"0123456789")
     response = conn.read_response(timeout=IO_TIMEOUT)
     elapsed = time.monotonic() - started
-    _assert_json_error(response, 408, "body")
+    assert_json_error(response, 408, "body")
     assert elapsed >= EARLIEST, f"408 after {elapsed:.2f}s, before body_timeout"
-    _assert_closed_after_response(conn)
+    assert_closed_after_response(conn)
 
 
 # ---------------------------------------------------------------------------------------------- upstream timeouts
@@ -214,7 +183,7 @@ def test_upstream_response_timeout_504(
     conn.request("GET", "/delay?ms=3000")
     response = conn.read_response(timeout=IO_TIMEOUT)
     elapsed = time.monotonic() - started
-    _assert_json_error(response, 504, "response")
+    assert_json_error(response, 504, "response")
     assert EARLIEST <= elapsed < 2.5, f"504 after {elapsed:.2f}s"
     # The client connection survives, and the late upstream answer is never mistaken for the next one.
     conn.request("GET", "/echo/after-timeout")
@@ -267,7 +236,7 @@ def test_upstream_connect_timeout_504(proxy_factory: ProxyFactory, raw_connectio
         conn.request("GET", "/echo")
         response = conn.read_response(timeout=IO_TIMEOUT)
         elapsed = time.monotonic() - started
-        _assert_json_error(response, 504, "connect")
+        assert_json_error(response, 504, "connect")
         assert EARLIEST <= elapsed < 2.5, f"504 after {elapsed:.2f}s"
 
 
@@ -276,10 +245,10 @@ def test_upstream_connect_timeout_504(proxy_factory: ProxyFactory, raw_connectio
 
 def test_pool_and_queue_full_503(backend_stub: Service, proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
     proxy = proxy_factory(_config(upstream={"max_connections": 1, "max_pending": 1}))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     first = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     first.request("GET", "/delay?ms=600")
-    _wait_backend_saw(backend_stub, before, 1)  # the only upstream connection is busy now
+    wait_backend_requests(backend_stub, before, 1)  # the only upstream connection is busy now
     others = [raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT) for _ in range(2)]
     for conn in others:
         conn.request("GET", "/delay?ms=600")
@@ -288,7 +257,7 @@ def test_pool_and_queue_full_503(backend_stub: Service, proxy_factory: ProxyFact
     assert responses[0].status == 200
     assert responses[0].json() == API_BODY
     assert sorted(r.status for r in responses[1:]) == [200, 503]
-    _assert_json_error(next(r for r in responses if r.status == 503), 503)
+    assert_json_error(next(r for r in responses if r.status == 503), 503)
     # The proxy serves normally afterwards.
     first.request("GET", "/echo/after-overflow")
     assert first.read_response().status == 200
@@ -299,16 +268,16 @@ def test_pool_pending_timeout_503(backend_stub: Service, proxy_factory: ProxyFac
     proxy = proxy_factory(
         _config(upstream={"max_connections": 1, "max_pending": 4, "pending_timeout": pending_timeout})
     )
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     first = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     first.request("GET", "/delay?ms=1200")
-    _wait_backend_saw(backend_stub, before, 1)
+    wait_backend_requests(backend_stub, before, 1)
     waiting = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     started = time.monotonic()
     waiting.request("GET", "/echo/waiting")
     response = waiting.read_response(timeout=IO_TIMEOUT)
     elapsed = time.monotonic() - started
-    _assert_json_error(response, 503, "pending")
+    assert_json_error(response, 503, "pending")
     assert elapsed >= pending_timeout * 0.75 - 0.05, f"503 after {elapsed:.2f}s, before pending_timeout"
     # It was the queue timing out, not a late hand-over: the first request is still in flight.
     assert not _readable(first)

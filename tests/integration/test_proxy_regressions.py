@@ -10,7 +10,6 @@ of sleeping. Every wait has a deadline; every socket, thread and process is clos
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import threading
@@ -21,11 +20,9 @@ from typing import Any
 
 import pytest
 
-from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, free_port, http_get
+from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, free_port
 from devstack.rawhttp import parse_response
-
-IO_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 5.0
+from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, backend_requests, wait_backend_requests
 
 Connect = Callable[..., RawHTTPConnection]
 Handler = Callable[[socket.socket, int], None]
@@ -44,30 +41,6 @@ def _config(
         "upstreams": {"backend": {"servers": ["127.0.0.1:9"], **(upstream or {})}},
         "routes": routes or [{"prefix": "/", "upstream": "backend"}],
     }
-
-
-def _backend_stats(backend: Service) -> dict[str, int]:
-    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
-    assert status == 200
-    stats: dict[str, int] = json.loads(body)
-    return stats
-
-
-def _backend_requests(backend: Service) -> int:
-    """Requests the backend has completed, this /stats request included."""
-    return _backend_stats(backend)["requests"]
-
-
-def _wait_backend_requests(backend: Service, before: int, extra: int) -> None:
-    """Wait until the backend has seen `extra` requests since `before` (not counting these /stats polls)."""
-    deadline = time.monotonic() + IO_TIMEOUT
-    polls = 0
-    while True:
-        polls += 1
-        if _backend_requests(backend) - before - polls >= extra:
-            return
-        assert time.monotonic() < deadline, "the request never reached the backend"
-        time.sleep(0.005)
 
 
 def _read_head(conn: socket.socket, buf: bytes = b"") -> tuple[bytes | None, bytes]:
@@ -171,6 +144,16 @@ def _rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _read_responses(sock: socket.socket, count: int, deadline: float) -> tuple[list[RawResponse], bytes]:
+    """Read until `count` complete responses arrived (AssertionError on EOF first); also the bytes read."""
+    data = b""
+    while len(responses := _parse_all(data)) < count:
+        piece = _recv(sock, 65536, deadline)
+        assert piece, f"closed after {data[:600]!r}"
+        data += piece
+    return responses, data
 
 
 def _parse_all(data: bytes) -> list[RawResponse]:
@@ -334,7 +317,7 @@ def test_upgrade_request_with_body_is_400_and_its_body_never_a_request(
 ) -> None:
     """Bug 1: an Upgrade request with a body: llhttp skipped the body and the proxy parsed it as the next request."""
     proxy = proxy_factory(_config(upstream={"response_timeout": "1s"}))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     smuggled = b"GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.send(
@@ -345,7 +328,7 @@ def test_upgrade_request_with_body_is_400_and_its_body_never_a_request(
     assert response.status == 400, response.raw[:300]
     assert response.header("connection") == "close"
     assert conn.closed_by_peer(CLOSE_TIMEOUT) and conn.buffer == b"", conn.buffer[:300]
-    assert _backend_requests(backend_stub) - before == 1, "something reached the backend"
+    assert backend_requests(backend_stub) - before == 1, "something reached the backend"
 
 
 # ---------------------------------------------------------------------------------------------- bugs 2, 3
@@ -563,10 +546,10 @@ def test_body_buffer_pause_is_cleared_when_the_exchange_is_answered_503(
     )
     config["upstreams"]["free"] = {"servers": ["127.0.0.1:9"]}
     proxy = proxy_factory(config)
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     holder = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     holder.request("GET", "/delay?ms=2000")  # holds the only connection of `backend`
-    _wait_backend_requests(backend_stub, before, 1)
+    wait_backend_requests(backend_stub, before, 1)
     client = _client(proxy)
     sender = _Sender(
         client,
@@ -576,11 +559,7 @@ def test_body_buffer_pause_is_cleared_when_the_exchange_is_answered_503(
     )
     try:
         deadline = time.monotonic() + 2 * IO_TIMEOUT
-        data = b""
-        while len(responses := _parse_all(data)) < 2:
-            piece = _recv(client, 65536, deadline)
-            assert piece, f"closed after {data[:600]!r}"
-            data += piece
+        responses, data = _read_responses(client, 2, deadline)
     finally:
         sender.close()
         client.close()
@@ -629,11 +608,7 @@ def test_upstream_pause_is_cleared_when_the_upstream_answers_early(
             assert time.monotonic() < deadline and sender.error is None, (sender.sent, sender.error)
             time.sleep(0.02)
         answer.set()
-        data = b""
-        while len(responses := _parse_all(data)) < 2:
-            piece = _recv(client, 65536, deadline)
-            assert piece, f"closed after {data[:600]!r}"
-            data += piece
+        responses, data = _read_responses(client, 2, deadline)
     finally:
         sender.close()
         client.close()
@@ -789,7 +764,7 @@ def test_sync_answer_with_keep_alive_off_then_more_bytes_is_clean(
 ) -> None:
     """Bug 13: a 404 with Connection: close, then pipelined bytes: "Cannot call write() after write_eof()"."""
     proxy = proxy_factory(_config(routes=[{"prefix": "/api/", "upstream": "backend"}]))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.send(b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
     response = conn.read_response()
@@ -801,7 +776,7 @@ def test_sync_answer_with_keep_alive_off_then_more_bytes_is_clean(
         assert other.read_response().status == 404
     log = proxy.read_log()
     assert "write_eof" not in log and "Fatal error" not in log, log[-2000:]
-    assert _backend_requests(backend_stub) - before == 1
+    assert backend_requests(backend_stub) - before == 1
 
 
 # ---------------------------------------------------------------------------------------------- bug 14
@@ -863,10 +838,10 @@ def test_abandoned_waiters_do_not_count_against_max_pending(
 ) -> None:
     """Bug 15: waiters gone (pending timeout) stayed in the queue: a new request got 503 upstream_overflow."""
     proxy = proxy_factory(_config(upstream={"max_connections": 1, "max_pending": 2, "pending_timeout": "1s"}))
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     holder = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     holder.request("GET", "/delay?ms=1600")  # holds the only connection
-    _wait_backend_requests(backend_stub, before, 1)
+    wait_backend_requests(backend_stub, before, 1)
     waiters = [raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT) for _ in range(2)]
     for waiter in waiters:
         waiter.request("GET", "/api/w")

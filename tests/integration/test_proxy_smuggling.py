@@ -9,17 +9,15 @@ once, so a delta of exactly 1 means nothing reached the backend through the prox
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from devstack import ProxyFactory, ProxyService, RawHTTPConnection, RawResponse, Service, http_get
+from devstack import ProxyFactory, ProxyService, RawHTTPConnection, Service
+from tests.helpers import IO_TIMEOUT, assert_closed_after_response, assert_json_error, backend_requests
 
-IO_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 5.0
 SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
@@ -29,26 +27,6 @@ def _config() -> dict[str, Any]:
         "upstreams": {"backend": {"servers": ["127.0.0.1:9"]}},
         "routes": [{"prefix": "/", "upstream": "backend"}],
     }
-
-
-def _backend_requests(backend: Service) -> int:
-    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
-    assert status == 200
-    requests: int = json.loads(body)["requests"]
-    return requests
-
-
-def _assert_json_error(response: RawResponse, status: int) -> None:
-    assert response.status == status, response.raw[:500]
-    payload = response.json()
-    assert isinstance(payload["error"], str) and payload["error"]
-    assert payload["request_id"] == response.header("x-request-id")
-
-
-def _assert_closed_after_response(conn: RawHTTPConnection) -> None:
-    """The proxy closes its side: recv returns b"" and nothing else (no second response) arrives."""
-    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open after a framing error"
-    assert conn.buffer == b"", f"unexpected bytes after the error response: {conn.buffer[:300]!r}"
 
 
 SMUGGLING_CASES: dict[str, bytes] = {
@@ -92,15 +70,15 @@ def test_smuggling_attempt_answered_400_and_closed(
     payload: bytes,
 ) -> None:
     proxy: ProxyService = proxy_factory(_config())
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.send(payload)
     response = conn.read_response()
-    _assert_json_error(response, 400)
+    assert_json_error(response, 400)
     assert response.header("connection") == "close"
-    _assert_closed_after_response(conn)
+    assert_closed_after_response(conn)
     # Only the second /stats request itself: neither the request nor the smuggled one reached the backend.
-    assert _backend_requests(backend_stub) - before == 1
+    assert backend_requests(backend_stub) - before == 1
 
 
 def test_valid_requests_then_smuggling_attempt_on_same_connection(
@@ -111,7 +89,7 @@ def test_valid_requests_then_smuggling_attempt_on_same_connection(
     proxy/http1/protocol.py `_protocol_error`: "answer what came before it, then the error; close".
     """
     proxy = proxy_factory(_config())
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     valid = b"".join(b"GET /echo/valid-%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3))
     conn.send(valid + SMUGGLING_CASES["cl_then_te"])
@@ -119,10 +97,10 @@ def test_valid_requests_then_smuggling_attempt_on_same_connection(
         response = conn.read_response()
         assert response.status == 200, f"valid request {i} was not answered normally: {response.raw[:300]!r}"
         assert response.json()["path"] == f"/echo/valid-{i}"
-    _assert_json_error(conn.read_response(), 400)
-    _assert_closed_after_response(conn)
+    assert_json_error(conn.read_response(), 400)
+    assert_closed_after_response(conn)
     # The three valid requests and the second /stats; nothing else.
-    assert _backend_requests(backend_stub) - before == 4
+    assert backend_requests(backend_stub) - before == 4
 
 
 def test_smuggling_attempt_behind_a_streaming_response(
@@ -130,7 +108,7 @@ def test_smuggling_attempt_behind_a_streaming_response(
 ) -> None:
     """A broken request arriving while the response in front is streaming: that response completes, then 400."""
     proxy = proxy_factory(_config())
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.send(b"GET /drip?bytes=3000&chunks=3&interval_ms=200 HTTP/1.1\r\nHost: x\r\n\r\n")
     deadline = time.monotonic() + IO_TIMEOUT
@@ -145,9 +123,9 @@ def test_smuggling_attempt_behind_a_streaming_response(
     streamed = conn.read_response()
     assert streamed.status == 200
     assert streamed.body == (b"0123456789abcdef" * 188)[:3000]
-    _assert_json_error(conn.read_response(), 400)
-    _assert_closed_after_response(conn)
-    assert _backend_requests(backend_stub) - before == 2  # /drip and the second /stats
+    assert_json_error(conn.read_response(), 400)
+    assert_closed_after_response(conn)
+    assert backend_requests(backend_stub) - before == 2  # /drip and the second /stats
 
 
 def test_gzip_then_chunked_is_not_forwarded(
@@ -155,11 +133,11 @@ def test_gzip_then_chunked_is_not_forwarded(
 ) -> None:
     """`Transfer-Encoding: gzip, chunked` is well framed but not supported: an error status, the close, no forward."""
     proxy = proxy_factory(_config())
-    before = _backend_requests(backend_stub)
+    before = backend_requests(backend_stub)
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" + SMUGGLED)
     response = conn.read_response()
     assert response.status in (400, 501), response.raw[:500]
-    _assert_json_error(response, response.status)
-    _assert_closed_after_response(conn)
-    assert _backend_requests(backend_stub) - before == 1
+    assert_json_error(response, response.status)
+    assert_closed_after_response(conn)
+    assert backend_requests(backend_stub) - before == 1

@@ -6,17 +6,15 @@ a pooled connection that dies as it is reused (retried once for idempotent reque
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from devstack import ProxyFactory, RawHTTPConnection, RawResponse, Service, free_port, http_get
+from devstack import ProxyFactory, RawHTTPConnection, Service, free_port
+from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, assert_json_error, backend_stats
 
-IO_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 5.0
 API_BODY = {"id": 1, "name": "resource", "tags": ["a", "b"], "ok": True}
 
 Connect = Callable[..., RawHTTPConnection]
@@ -30,33 +28,17 @@ def _config(upstream: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def _backend_stats(backend: Service) -> dict[str, int]:
-    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
-    assert status == 200
-    stats: dict[str, int] = json.loads(body)
-    return stats
-
-
-def _assert_json_error(response: RawResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, response.raw[:500]
-    assert (response.header("content-type") or "").startswith("application/json")
-    payload: dict[str, Any] = response.json()
-    assert isinstance(payload["error"], str) and payload["error"]
-    assert payload["request_id"] == response.header("x-request-id")
-    return payload
-
-
 def test_upstream_down_503(proxy_factory: ProxyFactory, raw_connection: Connect) -> None:
     nobody = f"127.0.0.1:{free_port()}"
     proxy = proxy_factory(_config(), upstream_servers=[nobody])
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     for i in range(5):  # also once the server is ejected after max_fails
         conn.request("GET", f"/echo/down-{i}")
-        _assert_json_error(conn.read_response(), 503)
+        assert_json_error(conn.read_response(), 503)
     # The client sent its own request id: the error carries it.
     conn.request("GET", "/echo/down-id", headers={"X-Request-Id": "down-req-1"})
     response = conn.read_response()
-    assert _assert_json_error(response, 503)["request_id"] == "down-req-1"
+    assert assert_json_error(response, 503)["request_id"] == "down-req-1"
 
 
 def test_upstream_closes_without_response_502(
@@ -66,15 +48,15 @@ def test_upstream_closes_without_response_502(
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     # On a fresh upstream connection.
     conn.request("GET", "/abort")
-    _assert_json_error(conn.read_response(), 502)
+    assert_json_error(conn.read_response(), 502)
     # On a pooled one (the proxy may retry an idempotent request once on a fresh connection: still 502).
     conn.request("GET", "/echo/warm")
     assert conn.read_response().status == 200
     conn.request("GET", "/abort")
-    _assert_json_error(conn.read_response(), 502)
+    assert_json_error(conn.read_response(), 502)
     # A non-idempotent request is not retried, and also answered 502.
     conn.request("POST", "/abort", body=b"payload")
-    _assert_json_error(conn.read_response(), 502)
+    assert_json_error(conn.read_response(), 502)
     # The client connection is still usable.
     conn.request("GET", "/echo/after-abort")
     response = conn.read_response()
@@ -124,7 +106,7 @@ def test_upstream_connection_close_is_not_reused(
 ) -> None:
     """`/close` answers `Connection: close`: the client keeps its connection, the proxy opens a new upstream one."""
     proxy = proxy_factory(_config())
-    before = _backend_stats(backend_stub)["connections_accepted"]
+    before = backend_stats(backend_stub)["connections_accepted"]
     conn = raw_connection(proxy.host, proxy.port, timeout=IO_TIMEOUT)
     for i in range(3):
         conn.request("GET", "/close")
@@ -136,7 +118,7 @@ def test_upstream_connection_close_is_not_reused(
         assert conn.read_response().json()["path"] == f"/echo/after-close-{i}"
     assert not conn.closed_by_peer(0.05)
     # 3 closed upstream connections + 1 pooled one + this /stats connection.
-    assert _backend_stats(backend_stub)["connections_accepted"] - before == 3 + 1 + 1
+    assert backend_stats(backend_stub)["connections_accepted"] - before == 3 + 1 + 1
 
 
 class OneShotUpstream:
@@ -259,7 +241,7 @@ def test_pooled_connection_closed_on_reuse_is_retried_for_idempotent_requests(
 
         # A POST is not replayed: the client gets a 502 instead.
         conn.request("POST", "/third", body=b"not idempotent")
-        _assert_json_error(conn.read_response(), 502)
+        assert_json_error(conn.read_response(), 502)
 
         with upstream.lock:
             assert upstream.answered == ["GET /first HTTP/1.1", "GET /second HTTP/1.1"]

@@ -142,29 +142,6 @@ def write_config(service: ProxyService, data: dict[str, Any] | str) -> None:
     dump(rendered, service.config_path)
 
 
-def backend_requests(backend: Service) -> int:
-    """How many requests backend_stub has received (its /stats counts itself too)."""
-    status, _, body = http_request("GET", backend.url + "/stats", timeout=2.0)
-    assert status == 200, (status, body)
-    count: int = json.loads(body)["requests"]
-    return count
-
-
-def wait_backend_received(backend: Service, before: int, timeout: float = 5.0) -> None:
-    """Wait until backend_stub received a request other than our own /stats polls since `before`.
-
-    `before` is a `backend_requests()` value; each poll adds one /stats request of its own.
-    """
-    polls = 0
-
-    def arrived() -> bool:
-        nonlocal polls
-        polls += 1
-        return backend_requests(backend) - before - polls >= 1
-
-    wait_until(arrived, timeout, "the request to reach backend_stub")
-
-
 def api_body(backend: Service) -> bytes:
     """backend_stub's fixed /api/resource body (what the proxy must return verbatim)."""
     status, _, body = http_request("GET", backend.url + "/api/resource", timeout=2.0)

@@ -13,14 +13,13 @@ from pathlib import Path
 from devstack import ProxyFactory, RawHTTPConnection, Service, free_port, http_get
 from devstack.procfs import pid_alive
 from proxy.config import ServerConfig, load
+from tests.helpers import backend_requests, wait_backend_requests
 from tests.supervisor.helpers import (
     admin,
     api_body,
-    backend_requests,
     children,
     config,
     listening_addresses,
-    wait_backend_received,
     wait_for_log,
     wait_until,
 )
@@ -34,7 +33,7 @@ def _start_delayed(conn: RawHTTPConnection, backend: Service) -> float:
     before = backend_requests(backend)
     sent = time.monotonic()
     conn.request("GET", f"/delay?ms={DELAY_MS}")
-    wait_backend_received(backend, before)
+    wait_backend_requests(backend, before, 1)
     return sent
 
 

@@ -1,0 +1,65 @@
+"""Helpers shared by the integration and supervisor tests: bounded waits on backend_stub's counters,
+and the assertions every proxy test makes about error answers and closed connections."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from devstack import RawHTTPConnection, RawResponse, Service, http_get
+
+IO_TIMEOUT = 5.0  # any single exchange with a local process
+CLOSE_TIMEOUT = 5.0  # until the proxy closes a connection it must close
+
+PATTERN = b"0123456789abcdef"
+
+
+def pattern(length: int) -> bytes:
+    """`length` bytes of a repeating pattern (a body whose corruption shows)."""
+    return (PATTERN * (length // len(PATTERN) + 1))[:length]
+
+
+def backend_stats(backend: Service) -> dict[str, int]:
+    """backend_stub's /stats counters (the /stats request itself included)."""
+    status, body = http_get(backend.url + "/stats", timeout=IO_TIMEOUT)
+    assert status == 200, (status, body)
+    stats: dict[str, int] = json.loads(body)
+    return stats
+
+
+def backend_requests(backend: Service) -> int:
+    """Requests backend_stub has received, this /stats request included."""
+    return backend_stats(backend)["requests"]
+
+
+def wait_backend_requests(backend: Service, before: int, count: int, timeout: float = IO_TIMEOUT) -> None:
+    """Wait until `count` requests besides our own /stats polls reached the backend since `before`
+    (a `backend_requests()` value)."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while True:
+        polls += 1
+        seen = backend_requests(backend) - before - polls
+        if seen >= count:
+            return
+        assert time.monotonic() < deadline, f"the backend saw {seen} of {count} requests in time"
+        time.sleep(0.01)
+
+
+def assert_json_error(response: RawResponse, status: int, hint: str = "") -> dict[str, Any]:
+    """`response` is the proxy's own JSON error with `status`: `{"error", "request_id"}`, the id echoed;
+    `hint` is a word its error code must contain, where the status alone is ambiguous."""
+    assert response.status == status, response.raw[:500]
+    assert (response.header("content-type") or "").startswith("application/json")
+    payload: dict[str, Any] = response.json()
+    assert isinstance(payload["error"], str) and payload["error"]
+    assert payload["request_id"] == response.header("x-request-id")
+    assert hint in payload["error"], payload
+    return payload
+
+
+def assert_closed_after_response(conn: RawHTTPConnection) -> None:
+    """The proxy closes its side after the response: EOF, and nothing else (no second response) arrives."""
+    assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open"
+    assert conn.buffer == b"", f"unexpected bytes after the response: {conn.buffer[:300]!r}"
