@@ -17,6 +17,7 @@ from setuptools import setup
 # too: mypyc does not apply subclass overrides of class-level defaults on exception classes.
 HOT_MODULES = [
     "proxy/exchange.py",
+    "proxy/forwarding.py",
     "proxy/gateway.py",
     "proxy/routing.py",
     "proxy/server.py",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from proxy.errors import ConfigError
+from proxy.forwarding import FORWARDING, FRAMING, HOP_BY_HOP
 
 T = TypeVar("T")
 
@@ -51,6 +52,10 @@ class ServerConfig:
     header_timeout: float = 10.0  # first byte to end of head -> 408 (slowloris guard)
     keepalive_timeout: float = 60.0  # idle keep-alive connection closed after this
     body_timeout: float = 60.0  # request body: max gap between reads -> 408
+    body_total_timeout: float = 60.0  # request body: end of head to last byte -> 408
+    body_buffer_size: int = 64 * KiB  # a request body is read up to this much before an upstream is taken
+    body_buffer_memory: int = 64 * MiB  # per worker: request bodies held that way at once
+    half_close: str = "abort"  # a client's FIN while a response is pending: "abort" (NGINX) or "finish"
     send_timeout: float = 60.0  # response: client not reading for this long -> close
     lingering_timeout: float = 2.0  # after an error answer, read and discard this long so the client sees it
     write_buffer_limit: int = 256 * KiB  # per-transport high-water mark (flow control)
@@ -85,6 +90,7 @@ class RouteConfig:
     upstream: str
     host: str | None = None
     auth: str = "none"
+    name: str = ""  # for logs and metrics; default: host + prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +202,13 @@ def _string(value: object) -> str:
     return value
 
 
+def _half_close(value: object) -> str:
+    text = _string(value)
+    if text not in ("abort", "finish"):
+        raise ValueError('expected "abort" or "finish"')
+    return text
+
+
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -203,13 +216,8 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
-_RESERVED_HEADERS = frozenset(
-    {
-        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
-        "trailer", "upgrade", "expect", "proxy-authorization", "proxy-authenticate", "x-forwarded-for",
-        "x-forwarded-proto", "x-forwarded-host", "via",
-    }
-)  # fmt: skip
+# Headers the proxy manages itself (framing, hop-by-hop, forwarding): never configurable names.
+_RESERVED_HEADERS = frozenset(name.decode() for name in HOP_BY_HOP | FRAMING | FORWARDING | {b"host", b"expect"})
 
 
 def _header_name(value: object) -> str:
@@ -276,6 +284,10 @@ _SERVER_PARSERS: dict[str, Callable[[object], Any]] = {
     "header_timeout": _positive_duration,
     "keepalive_timeout": _positive_duration,
     "body_timeout": _positive_duration,
+    "body_total_timeout": _positive_duration,
+    "body_buffer_size": parse_size,
+    "body_buffer_memory": parse_size,
+    "half_close": _half_close,
     "send_timeout": _positive_duration,
     "lingering_timeout": _positive_duration,
     "write_buffer_limit": parse_size,
@@ -332,6 +344,10 @@ def _server(problems: list[tuple[str, object, str]], table: object) -> ServerCon
     if server.heartbeat_timeout < 3.0:
         problems.append(
             ("server.heartbeat_timeout", server.heartbeat_timeout, "must be at least 3s (beats are 1s apart)")
+        )
+    if server.body_buffer_memory < server.body_buffer_size:
+        problems.append(
+            ("server.body_buffer_memory", server.body_buffer_memory, "must be at least server.body_buffer_size")
         )
     if server.backlog > 65535:
         problems.append(("server.backlog", server.backlog, "must be at most 65535"))
@@ -411,11 +427,19 @@ def _route(
     upstream = reader.require("upstream", _string, "")
     host = reader.get("host", _host, None)
     auth = reader.get("auth", _auth, "none")
+    name = reader.get("name", _route_name, "")
     reader.finish()
     if upstream and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none defined"
         problems.append((f"{prefix}upstream", upstream, f"no such upstream (known: {known})"))
-    return RouteConfig(prefix=path, upstream=upstream, host=host, auth=auth)
+    return RouteConfig(prefix=path, upstream=upstream, host=host, auth=auth, name=name or (host or "") + path)
+
+
+def _route_name(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:/\-]{1,64}", text):
+        raise ValueError("route names use 1 to 64 letters, digits, '_', '.', ':', '/', '-'")
+    return text
 
 
 def _redis(problems: list[tuple[str, object, str]], table: object) -> RedisConfig:
@@ -457,6 +481,7 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     if not raw_routes:
         problems.append(("routes", raw_routes, "at least one [[routes]] entry is required"))
     seen: dict[tuple[str | None, str], int] = {}
+    names: dict[str, int] = {}
     for index, table in enumerate(raw_routes):
         route = _route(problems, index, table, raw_upstreams if isinstance(raw_upstreams, Mapping) else {})
         if route is None:
@@ -464,7 +489,10 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         route_key = (route.host, route.prefix)
         if route_key in seen:
             problems.append((f"routes[{index}].prefix", route.prefix, f"duplicates routes[{seen[route_key]}]"))
+        elif route.name in names:
+            problems.append((f"routes[{index}].name", route.name, f"already the name of routes[{names[route.name]}]"))
         seen[route_key] = index
+        names[route.name] = index
         routes.append(route)
     redis = _redis(problems, data.get("redis", {}))
     if problems:

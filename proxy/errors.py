@@ -7,6 +7,10 @@ Protocol shells catch `ProxyError` and answer with the pre-encoded error respons
 from __future__ import annotations
 
 
+class IllegalTransition(RuntimeError):
+    """An exchange was asked to change phase in a way its state machine forbids (a bug, never input)."""
+
+
 class ConfigError(Exception):
     """A configuration file failed validation; `problems` lists (key, value, reason)."""
 
@@ -22,9 +26,24 @@ class ProxyError(Exception):
     code = "internal_error"
     close = False  # close the downstream connection after answering
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        fields: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(detail or self.code)
-        self.detail = detail or self.code
+        self.detail = detail or self.code  # the `error` code of the JSON answer
+        self.headers = headers  # extra response headers (WWW-Authenticate, Retry-After, RateLimit-*)
+        self.fields = fields  # extra members of the JSON answer
+
+
+class Suspended(ProxyError):
+    """Not an answer: what a pipeline step returns after parking its exchange (`gateway.WAIT`)."""
+
+    status = 503
+    code = "suspended"
 
 
 class BadRequest(ProxyError):

@@ -1,33 +1,96 @@
-"""The protocol-neutral request in flight, shared by the downstream protocols and the upstream client.
+r"""The exchange lifecycle: one request, from its parsed head to its end, as an explicit state machine.
 
-Theory of operation: a downstream protocol (HTTP/1.1 today, HTTP/2 later) parses a request head
-into an `Exchange` and hands it to the gateway. The gateway routes it and asks an upstream cluster
-for a connection; the upstream client then streams the request body out and the response back to
-`exchange.downstream`, which implements `Downstream`. `phase` and `deadline` say what the exchange
-is waiting for and until when; the downstream connection's periodic timeout check enforces it, so
-no timer object is created per request.
+Theory of operation. A downstream protocol (HTTP/1.1 today, HTTP/2 later) parses a request head into an
+`Exchange` and, when its turn comes, hands it to the gateway. From then on the exchange moves through
+the phases below; every change of phase is a method of this module (the only writer of `phase`), is
+checked against the transition table, and sets the phase's deadline:
+
+  QUEUED --start--> STEPS --(steps pass)--> [BUFFERING] --> WAIT_CONNECTION | CONNECTING | WAIT_RESPONSE
+                      ^  \--suspend--> SUSPENDED --wake--/                     |            |
+                      \___________________________________/                    v            v
+                                                           WAIT_RESPONSE --responding--> RESPONDING
+  any phase --finish--> DONE (the finished hooks run, exactly once)
+
+In a waiting phase the exchange is *parked* on the object it waits for (a step's `WaitList`, a
+cluster's queue, an upstream connection), which implements `Parking`. What a phase's timeout answers
+is in `_TIMEOUTS` (a suspended exchange carries its own), and a timeout or a client that goes away
+unparks the exchange from whatever holds it: `expire` and `cancel` are the only two ways out of a
+waiting phase that the exchange does not choose itself. Deadlines are enforced by the downstream's
+periodic check (one worker tick, no timer per request), against the worker's coarse clock.
+
+Timings (`t_*`) are `time.perf_counter()` stamps, microsecond resolution: the head parsed, the request
+head written upstream, the response head received, the end. `worker.finished` hooks (access log,
+metrics) read them, with the route, upstream, status, error and byte counts, once the exchange ends.
 """
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Final, Protocol
 
+from proxy.errors import GatewayTimeout, IllegalTransition, ProxyError, ServiceUnavailable
+
 if TYPE_CHECKING:
-    from proxy.errors import ProxyError
-    from proxy.upstream.client import UpstreamConnection
-    from proxy.upstream.pool import Cluster
+    from proxy.config import Address
+    from proxy.gateway import Route
+    from proxy.server import WorkerState
 
 
-# Phases: what the exchange is waiting for; the deadline means something different in each.
-# Plain `Final` ints rather than an enum: compiled code inlines them and compares machine integers
-# (an enum member is a module-global lookup plus an attribute lookup on every use).
+# Phases. Plain `Final` ints rather than an enum: compiled code inlines them and compares machine integers.
 Phase = int
-PHASE_ROUTING: Final = 0  # in the gateway
-PHASE_WAIT_CONNECTION: Final = 1  # queued for a pooled connection: pending_timeout -> 503
-PHASE_CONNECTING: Final = 2  # a new upstream connection is being opened: connect_timeout -> 504
-PHASE_WAIT_RESPONSE: Final = 3  # request sent, no complete response yet: response_timeout -> 504
-PHASE_DONE: Final = 4  # response finished or failed; nothing pending upstream
-PHASE_NAMES: Final = ("ROUTING", "WAIT_CONNECTION", "CONNECTING", "WAIT_RESPONSE", "DONE")
+PHASE_QUEUED: Final = 0  # parsed; waiting for its turn on its connection (HTTP/1.1 pipelining)
+PHASE_STEPS: Final = 1  # in the gateway: route, then the route's steps (auth, limits), decided synchronously
+PHASE_SUSPENDED: Final = 2  # a step parked it until something it waits for arrives (JWKS refresh, Redis sync)
+PHASE_BUFFERING: Final = 3  # reading the request body before an upstream connection is taken
+PHASE_WAIT_CONNECTION: Final = 4  # queued for a pooled connection
+PHASE_CONNECTING: Final = 5  # a new upstream connection is being opened for it
+PHASE_WAIT_RESPONSE: Final = 6  # request head sent, no response head yet
+PHASE_RESPONDING: Final = 7  # response head forwarded, body streaming
+PHASE_DONE: Final = 8  # ended: response written, answered by the proxy, or given up
+PHASE_COUNT: Final = 9
+PHASE_NAMES: Final = (
+    "QUEUED",
+    "STEPS",
+    "SUSPENDED",
+    "BUFFERING",
+    "WAIT_CONNECTION",
+    "CONNECTING",
+    "WAIT_RESPONSE",
+    "RESPONDING",
+    "DONE",
+)
+
+_UPSTREAM: Final = (1 << PHASE_WAIT_CONNECTION) | (1 << PHASE_CONNECTING) | (1 << PHASE_WAIT_RESPONSE)
+_END: Final = 1 << PHASE_DONE
+# Allowed next phases of each phase, as bit masks (index = phase).
+TRANSITIONS: Final = (
+    (1 << PHASE_STEPS) | _END,  # QUEUED
+    (1 << PHASE_SUSPENDED) | (1 << PHASE_BUFFERING) | _UPSTREAM | _END,  # STEPS
+    (1 << PHASE_STEPS) | _END,  # SUSPENDED
+    _UPSTREAM | _END,  # BUFFERING
+    (1 << PHASE_CONNECTING) | (1 << PHASE_WAIT_RESPONSE) | _END,  # WAIT_CONNECTION
+    (1 << PHASE_CONNECTING) | (1 << PHASE_WAIT_RESPONSE) | _END,  # CONNECTING (retried on another server)
+    (1 << PHASE_RESPONDING) | _UPSTREAM | _END,  # WAIT_RESPONSE (a dead pooled connection: sent again)
+    _END,  # RESPONDING
+    0,  # DONE
+)
+# What a timeout in each phase answers; None: the phase has no deadline of its own (QUEUED waits for
+# its connection's turn, STEPS never outlives a call, BUFFERING is bounded by the downstream's request
+# body clocks, a SUSPENDED exchange carries the error its step gave).
+_TIMEOUTS: Final[tuple[ProxyError | None, ...]] = (
+    None,
+    None,
+    None,
+    None,
+    ServiceUnavailable("upstream_pending_timeout"),
+    GatewayTimeout("upstream_connect_timeout"),
+    GatewayTimeout("upstream_response_timeout"),
+    GatewayTimeout("upstream_response_timeout"),  # the longest gap between response reads; resets the client
+    None,
+)
+assert len(PHASE_NAMES) == len(TRANSITIONS) == len(_TIMEOUTS) == PHASE_COUNT, "every phase needs every table"
+
+NEVER: Final = float("inf")
 
 # How a message body is framed.
 BodyKind = int
@@ -36,79 +99,129 @@ BODY_LENGTH: Final = 1  # Content-Length
 BODY_CHUNKED: Final = 2  # Transfer-Encoding: chunked
 BODY_UNTIL_CLOSE: Final = 3  # response only: read until the connection closes
 
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def timeout_error(phase: Phase) -> ProxyError | None:
+    """What a timeout in `phase` answers (None: no deadline of its own; see `_TIMEOUTS`)."""
+    return _TIMEOUTS[phase]
+
+
+class Parking(Protocol):
+    """Whatever a waiting exchange is parked on: a step's wait list, a cluster queue, an upstream connection."""
+
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        """Stop holding or waiting for `exchange`: it timed out (`timed_out`) or its client went away."""
+
+
+class Upstream(Parking, Protocol):
+    """The upstream connection carrying an exchange (WAIT_RESPONSE, RESPONDING), as its downstream sees it."""
+
+    def send_body(self, data: bytes) -> None:
+        """A piece of request body."""
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+
+    def pause_response(self) -> None:
+        """The client cannot take more response now: stop reading it upstream."""
+
+    def resume_response(self) -> None:
+        """The client caught up."""
+
 
 class Downstream(Protocol):
-    """What the upstream client calls back on; implemented by each downstream protocol."""
+    """The client side of an exchange (an HTTP/1.1 connection, an HTTP/2 stream): what the gateway, the
+    pool and the upstream client call back on. Every call names its exchange."""
 
     write_paused: bool  # the client is not keeping up: upstream reading must stay paused
 
-    def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
-        """The upstream response head, hop-by-hop lines removed (`head` excludes the final CRLF CRLF)."""
+    def body_wanted(self, exchange: Exchange) -> None:
+        """The proxy takes the request body now (an upstream took the exchange, or the body is buffered
+        first): let it flow, and send `100 Continue` if the client waits for it."""
 
-    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
-        """A whole response read at once (the common small one): head, complete body, end, flush, and
-        the exchange is done upstream (no `exchange_upstream_done` follows).
-
-        `kind` is the upstream framing; a chunked or until-close body may be sent with a Content-Length.
-        """
-
-    def response_body(self, data: bytes) -> None:
-        """A piece of the decoded response body."""
-
-    def response_end(self) -> None:
-        """The response body is complete."""
-
-    def response_flush(self) -> None:
-        """Write out what the calls above queued (once per upstream read)."""
-
-    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        """The upstream side failed; answer with `error` or abort if the response already started."""
-
-    def upstream_ready(self, exchange: Exchange) -> None:
-        """The request head is sent; body may flow now (send `100 Continue` if the client waits for it)."""
-
-    def pause_reading(self) -> None:
+    def pause_reading(self, exchange: Exchange) -> None:
         """Upstream cannot take more request body for now."""
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, exchange: Exchange) -> None:
         """Upstream can take request body again."""
 
-    def exchange_upstream_done(self, exchange: Exchange) -> None:
-        """The upstream connection is released; the exchange is finished on the upstream side."""
+    def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
+        """The upstream response head, hop-by-hop lines removed (`head`: HTTP/1.1 status line and header
+        lines without the final CRLF CRLF; `framing.head_pairs` gives it as (name, value) pairs)."""
+
+    def response_body(self, exchange: Exchange, data: bytes) -> None:
+        """A piece of the decoded response body."""
+
+    def response_end(self, exchange: Exchange) -> None:
+        """The response body is complete."""
+
+    def response_flush(self, exchange: Exchange) -> None:
+        """Write out what the calls above queued (once per upstream read)."""
+
+    def response_done(self, exchange: Exchange) -> None:
+        """The upstream side is over (its connection released): finish the exchange."""
+
+    def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
+        """A whole response read at once (the common small one): head, body, end and finish in one call.
+        `kind` is the upstream framing; a chunked or until-close body may be sent with a Content-Length."""
+
+    def answer(self, exchange: Exchange, error: ProxyError) -> None:
+        """Answer with a response the proxy makes (error or step answer), then finish the exchange."""
+
+    def reset(self, exchange: Exchange) -> None:
+        """The response started and cannot be completed: cut the client off (HTTP/2: reset the stream),
+        then finish the exchange."""
 
 
 class Exchange:
-    """One request: its head, its body state, and where it is in the pipeline."""
+    """One request: its head, its body state, where it is in its lifecycle, and what it measured."""
 
     __slots__ = (
         "attempts",
         "body_done",
         "body_kind",
+        "bytes_in",
+        "bytes_out",
+        "client",
         "content_length",
         "deadline",
         "downstream",
+        "error",
         "expect_continue",
         "forward_lines",
         "headers",
         "host",
         "keep_alive",
         "method",
+        "parked",
         "pending_body",
         "pending_bytes",
         "phase",
+        "protocol",
         "request_id",
+        "reserved",
+        "response_headers",
         "response_started",
         "retried",
+        "route",
         "server",
-        "started",
         "status",
+        "step",
+        "t_end",
+        "t_response",
+        "t_start",
+        "t_upstream",
         "target",
         "upstream",
-        "waiting_on",
+        "wait_error",
+        "worker",
     )
 
     def __init__(
         self,
+        *,
+        worker: WorkerState,
         downstream: Downstream,
         method: bytes,
         target: bytes,
@@ -116,42 +229,288 @@ class Exchange:
         headers: list[tuple[bytes, bytes]],
         request_id: bytes,
         forward_lines: bytes,
-        body_kind: BodyKind,
-        content_length: int,
+        body_kind: BodyKind = BODY_NONE,
+        content_length: int = -1,
+        client: bytes = b"",
+        protocol: bytes = b"HTTP/1.1",
+        head_bytes: int = 0,
     ) -> None:
+        self.worker = worker
         self.downstream = downstream
+        # The request as it goes upstream.
         self.method = method
         self.target = target
         self.host = host
-        self.headers = headers  # end-to-end request headers to forward, original case
+        self.headers = headers  # end-to-end request headers to forward, as received
         self.request_id = request_id
-        self.forward_lines = forward_lines  # pre-encoded header lines added by the proxy (X-Forwarded-*, ...)
+        self.forward_lines = forward_lines  # pre-encoded header lines added by the proxy (forwarding.py)
         self.body_kind = body_kind
         self.content_length = content_length
-        self.body_done = body_kind == BODY_NONE
-        self.pending_body: list[bytes] | None = None  # body received before an upstream was attached
-        self.pending_bytes = 0
-        self.expect_continue = False
+        self.client = client
+        self.protocol = protocol
         self.keep_alive = True  # the client allows reusing its connection after this exchange
-        self.phase: Phase = PHASE_ROUTING
-        self.deadline = 0.0
-        self.upstream: UpstreamConnection | None = None
-        self.response_started = False
+        self.expect_continue = False
+        # Request body received before an upstream connection took it.
+        self.body_done = body_kind == BODY_NONE
+        self.pending_body: list[bytes] | None = None
+        self.pending_bytes = 0
+        self.reserved = 0  # body buffer memory reserved for it while BUFFERING
+        # Lifecycle.
+        self.phase: Phase = PHASE_QUEUED
+        self.deadline = NEVER
+        self.parked: Parking | None = None
+        self.wait_error: ProxyError | None = None  # what a SUSPENDED exchange answers when its wait times out
+        self.route: Route | None = None
+        self.step = 0  # index of the step that suspended it (re-run on wake)
+        self.upstream: Upstream | None = None  # the connection carrying it (WAIT_RESPONSE, RESPONDING)
+        self.server: Address | None = None  # the upstream server that took it
+        self.attempts = 0  # upstream connects opened for it
         self.retried = False
-        self.attempts = 0  # upstream connect attempts
-        self.waiting_on: Cluster | None = None  # the cluster whose queue holds this exchange
-        self.status = 0  # response status sent to the client
-        self.server: object = None  # address of the upstream server that took the request
-        self.started = 0.0  # loop time the head was parsed (set when something measures latency)
+        # Response.
+        self.response_started = False
+        self.response_headers: list[tuple[bytes, bytes]] | None = None  # added by steps to whatever answers
+        self.status = 0  # status sent to the client (499: the client went away first)
+        self.error = ""  # why the proxy answered or gave up (an error code), "" when the upstream answered
+        # Measurements.
+        self.bytes_in = head_bytes  # request head and decoded body bytes received
+        self.bytes_out = 0  # response bytes written to the client
+        self.t_start = perf_counter()
+        self.t_upstream = 0.0
+        self.t_response = 0.0
+        self.t_end = 0.0
+
+    # ------------------------------------------------------------------ transitions
+
+    def _enter(self, phase: Phase, deadline: float) -> None:
+        old = self.phase
+        if not (TRANSITIONS[old] >> phase) & 1:
+            raise IllegalTransition(f"{self!r}: {PHASE_NAMES[old]} -> {PHASE_NAMES[phase]}")
+        if old == PHASE_BUFFERING and self.reserved:
+            self.worker.body_reserved -= self.reserved
+            self.reserved = 0
+        self.phase = phase
+        self.deadline = deadline
+
+    def start(self) -> None:
+        """Its turn has come: the gateway runs it (QUEUED -> STEPS)."""
+        self._enter(PHASE_STEPS, NEVER)
+
+    def suspend(self, parking: Parking, timeout: float, error: ProxyError) -> None:
+        """A step waits for something (STEPS -> SUSPENDED): parked on `parking` until `wake`, or answered
+        `error` after `timeout` seconds. The step that called this returns `gateway.WAIT`."""
+        self._enter(PHASE_SUSPENDED, self.worker.now + timeout)
+        self.parked = parking
+        self.wait_error = error
+
+    def wake(self) -> None:
+        """What it waited for arrived (SUSPENDED -> STEPS): the gateway re-runs the step that suspended it."""
+        self._enter(PHASE_STEPS, NEVER)
+        self.parked = None
+        self.wait_error = None
+        self.worker.gateway.resume(self)
+
+    def await_body(self, reserve: int) -> None:
+        """Read the request body (up to `reserve` bytes, held against the worker's body buffer memory)
+        before taking an upstream connection (STEPS -> BUFFERING); `body_ready` ends the wait."""
+        self._enter(PHASE_BUFFERING, NEVER)
+        self.reserved = reserve
+        self.worker.body_reserved += reserve
+        self.downstream.body_wanted(self)
+
+    def body_ready(self) -> None:
+        """The downstream has buffered what BUFFERING waited for: go upstream."""
+        if self.phase == PHASE_BUFFERING:
+            self.worker.gateway.forward(self)
+
+    def wait_connection(self, cluster: Parking, deadline: float) -> None:
+        """Queued for a pooled connection of `cluster` until `deadline`."""
+        self._enter(PHASE_WAIT_CONNECTION, deadline)
+        self.parked = cluster
+
+    def connecting(self, conn: Parking, server: Address, deadline: float) -> None:
+        """A new upstream connection `conn` to `server` is opened for it; connect timeout at `deadline`."""
+        self._enter(PHASE_CONNECTING, deadline)
+        self.parked = conn
+        self.server = server
+        self.attempts += 1
+
+    def sent(self, conn: Upstream, server: Address, deadline: float) -> None:
+        """The request head went upstream on `conn`; no response head by `deadline` is a timeout."""
+        self._enter(PHASE_WAIT_RESPONSE, deadline)
+        self.parked = conn
+        self.upstream = conn
+        self.server = server
+        self.t_upstream = perf_counter()
+
+    def responding(self) -> None:
+        """The response head was forwarded; the body streams (WAIT_RESPONSE -> RESPONDING)."""
+        self._enter(PHASE_RESPONDING, self.deadline)
+        self.t_response = perf_counter()
+
+    def touch(self, deadline: float) -> None:
+        """Upstream progress: the response clock restarts (unless held: the client is the slow one)."""
+        if self.deadline != NEVER:
+            self.deadline = deadline
+
+    def hold(self) -> None:
+        """The client stopped reading: the upstream response clock stops until `release_hold`."""
+        self.deadline = NEVER
+
+    def release_hold(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def detach(self, parking: Parking) -> None:
+        """`parking` no longer holds the exchange (an upstream connection released or lost it)."""
+        if self.parked is parking:
+            self.parked = None
+        if self.upstream is parking:
+            self.upstream = None
+
+    def finish(self) -> None:
+        """The exchange ended on the client side: its response written, answered, reset, or its client
+        gone. Runs the worker's finished hooks. Exactly once: a second call is a bug (IllegalTransition)."""
+        self._enter(PHASE_DONE, NEVER)
+        self._release(False)
+        if self.pending_body is not None:
+            self.drop_body()
+        self.t_end = perf_counter()
+        if self.t_response == 0.0 and self.t_upstream != 0.0 and not self.error:
+            self.t_response = self.t_end  # the response came whole: head and end at once
+        for hook in self.worker.finished:
+            hook(self)
+
+    # ------------------------------------------------------------------ ways out
+
+    def fail(self, error: ProxyError, timed_out: bool = False) -> None:
+        """End with `error`: release what the exchange holds or waits for, then answer it (or reset the
+        client if the response already started). A no-op once the exchange is over."""
+        if self.phase == PHASE_DONE:
+            return
+        self._release(timed_out)
+        self.error = error.detail
+        if self.response_started:
+            self.downstream.reset(self)
+        else:
+            self.downstream.answer(self, error)
+
+    def expire(self, now: float) -> None:
+        """Enforce the phase's deadline (the downstream's periodic check calls this)."""
+        if now <= self.deadline:
+            return
+        phase = self.phase
+        error = self.wait_error if phase == PHASE_SUSPENDED else _TIMEOUTS[phase]
+        if error is not None:
+            self.fail(error, timed_out=True)
+
+    def drop(self, error: ProxyError) -> None:
+        """End without a response of its own: the request broke the connection's framing, and the error
+        answer the connection writes after the exchanges before it covers this one too."""
+        if self.phase == PHASE_DONE:
+            return
+        self._release(False)
+        self.status = error.status
+        self.error = error.detail
+        self.finish()
+
+    def cancel(self) -> None:
+        """The client went away: release everything and end without an answer (status 499)."""
+        if self.phase == PHASE_DONE:
+            return
+        self._release(False)
+        if not self.response_started:
+            self.status = 499  # nginx's "client closed request"
+        if not self.error:
+            self.error = "client_closed"
+        self.finish()
+
+    def _release(self, timed_out: bool) -> None:
+        parked = self.parked
+        self.parked = None
+        self.upstream = None
+        if parked is not None:
+            parked.unpark(self, timed_out)
+
+    # ------------------------------------------------------------------ request body held in the proxy
+
+    def buffer_body(self, data: bytes) -> None:
+        """Keep a piece of request body until an upstream connection takes it."""
+        if self.pending_body is None:
+            self.pending_body = [data]
+        else:
+            self.pending_body.append(data)
+        self.pending_bytes += len(data)
+
+    def take_body(self) -> list[bytes] | None:
+        """The buffered request body, handed to the upstream connection."""
+        body = self.pending_body
+        self.pending_body = None
+        self.pending_bytes = 0
+        return body
+
+    def drop_body(self) -> None:
+        self.pending_body = None
+        self.pending_bytes = 0
+
+    # ------------------------------------------------------------------ headers steps add or remove
+
+    def add_request_header(self, name: bytes, value: bytes) -> None:
+        """A header for the upstream request (e.g. a verified claim)."""
+        self.headers.append((name, value))
+
+    def remove_request_headers(self, names: frozenset[bytes]) -> None:
+        """Drop the client's copies of headers the proxy vouches for (`names` lower-cased)."""
+        self.headers = [pair for pair in self.headers if pair[0].lower() not in names]
+
+    def add_response_header(self, name: bytes, value: bytes) -> None:
+        """A header for whatever response the client gets (rate-limit headers go on every response)."""
+        if self.response_headers is None:
+            self.response_headers = [(name, value)]
+        else:
+            self.response_headers.append((name, value))
+
+    # ------------------------------------------------------------------ queries
 
     @property
     def replayable(self) -> bool:
         """Safe to send again on a fresh connection: idempotent and without a body."""
         return self.method in _IDEMPOTENT and self.body_kind == BODY_NONE and not self.retried
 
+    @property
+    def upstream_name(self) -> str:
+        """The upstream (cluster) name of its route, "" before routing or without a route."""
+        route = self.route
+        return route.upstream if route is not None else ""
+
     def __repr__(self) -> str:
         phase = PHASE_NAMES[self.phase]
         return f"<Exchange {self.method.decode()} {self.target[:60]!r} {phase} id={self.request_id.decode()}>"
 
 
-_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+class WaitList:
+    """Exchanges parked on one event (a JWKS refresh, a Redis sync), for a step that may wait.
+
+    `park` suspends an exchange with its own timeout and error; `wake_all` resumes every exchange still
+    waiting, in arrival order; a timeout or a client that goes away takes the exchange out (`unpark`).
+    """
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: dict[Exchange, None] = {}
+
+    def park(self, exchange: Exchange, timeout: float, error: ProxyError) -> None:
+        exchange.suspend(self, timeout, error)
+        self._waiting[exchange] = None
+
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        self._waiting.pop(exchange, None)
+
+    def wake_all(self) -> None:
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for exchange in waiting:
+            if exchange.phase == PHASE_SUSPENDED and exchange.parked is self:
+                exchange.wake()
+
+    def __len__(self) -> int:
+        return len(self._waiting)

@@ -1,4 +1,9 @@
-"""Pure route table: (host, path prefix) -> target. Longest prefix wins; host routes before hostless ones."""
+"""Pure route table: (host, path prefix) -> target.
+
+A request's Host (case and port ignored) selects that host's routes, longest prefix first; when none of
+them matches, or the host has no routes, the hostless routes are tried, longest prefix first. So a
+host's routes always win over hostless ones, like a virtual host in NGINX or Envoy.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +27,8 @@ class Router(Generic[T]):
                 default.append(entry)
             else:
                 by_host.setdefault(host.lower().encode(), []).append(entry)
-        # Host-specific routes fall back to the hostless ones; both sorted longest prefix first.
-        self._default = tuple(sorted(default, key=lambda e: len(e[0]), reverse=True))
-        self._by_host = {
-            host: tuple(sorted(entries + default, key=lambda e: len(e[0]), reverse=True))
-            for host, entries in by_host.items()
-        }
+        self._default = _longest_first(default)
+        self._by_host = {host: _longest_first(entries) + self._default for host, entries in by_host.items()}
         self._has_hosts = bool(by_host)
 
     def match(self, host: bytes, target: bytes) -> T | None:
@@ -37,6 +38,10 @@ class Router(Generic[T]):
             if target.startswith(prefix):
                 return value
         return None
+
+
+def _longest_first(entries: list[tuple[bytes, T]]) -> tuple[tuple[bytes, T], ...]:
+    return tuple(sorted(entries, key=lambda e: len(e[0]), reverse=True))
 
 
 def host_without_port(host: bytes) -> bytes:

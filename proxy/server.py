@@ -1,40 +1,78 @@
-"""Per-worker state: open connections, the coarse clock, request ids, timeouts and drain.
+"""Per-worker state: open connections, the coarse clock, request ids, the tick, exchange hooks and drain.
 
 Theory of operation: one `tick` timer per worker replaces per-request timers. Each tick refreshes
-`now` (the clock every deadline in the worker is measured against), asks every downstream
-connection to enforce its deadlines, lets the upstream pools expire idle connections, and calls
-the heartbeat hook. The tick interval is a quarter of the smallest configured timeout; deadlines
-fire never early and at most two intervals late (see `HttpProtocol.check`). `drain` flips
-`draining`: responses then carry `Connection: close` and idle connections are closed after
-`drain_idle_grace`; `drained` resolves when none is left.
+`now` (the clock every deadline in the worker is measured against), asks every downstream connection
+to enforce its deadlines, polls the sockets of connections whose reading the proxy holds paused (so a
+client that closes or resets them is noticed without reading), then calls the tick subscribers in
+order (upstream pools' idle sweep, the access log flush, the heartbeat; Redis sync and metrics join
+them). The tick interval is a quarter of the smallest configured timeout; stamps and deadlines come
+from the coarse clock, so a deadline fires never early and at most two intervals late (one for the
+stamp's age, one for the tick's period). `finished` hooks are called once per exchange when it ends
+(exchange.py). `drain` flips `draining` and asks every connection to `shutdown` (finish what is in
+flight, take nothing new); `drained` resolves when none is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import select
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.config import Config
 
 if TYPE_CHECKING:
-    from proxy.accesslog import AccessLog
     from proxy.exchange import Exchange
-    from proxy.upstream.pool import Cluster
+
+# A socket whose peer sent FIN (POLLRDHUP) or reset it / hung up (POLLHUP, POLLERR).
+_HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+_RESET: Final = select.POLLHUP | select.POLLERR
 
 
 class Connection(Protocol):
+    """What the worker asks of every downstream connection."""
+
     def check(self, now: float) -> None:
-        """Enforce this connection's deadlines."""
+        """Enforce this connection's deadlines and those of its exchanges."""
+
+    def shutdown(self) -> None:
+        """Graceful stop: finish what is in flight, take no new request (HTTP/2: GOAWAY), then close."""
 
     def abort(self) -> None:
         """Close at once (drain deadline passed)."""
 
+    def watched_fd(self) -> int:
+        """The socket to poll for a peer close while the proxy holds its reading paused, else -1."""
+
+    def peer_closed(self, reset: bool) -> None:
+        """The peer half-closed (`reset` False) or reset the connection, seen while reading was paused."""
+
 
 class Pipeline(Protocol):
+    """The gateway as the exchanges see it."""
+
     def handle(self, exchange: Exchange) -> None:
-        """Route and forward an exchange; answer it through its downstream on failure."""
+        """Run an exchange whose turn has come: route, steps, upstream; answer it on failure."""
+
+    def resume(self, exchange: Exchange) -> None:
+        """Continue a suspended exchange that was woken: re-run the step that suspended it."""
+
+    def forward(self, exchange: Exchange) -> None:
+        """Send upstream an exchange whose request body has been buffered."""
+
+
+class _NoPipeline:
+    """Placeholder until the worker has built its gateway."""
+
+    def handle(self, exchange: Exchange) -> None:
+        raise RuntimeError("no gateway")
+
+    def resume(self, exchange: Exchange) -> None:
+        raise RuntimeError("no gateway")
+
+    def forward(self, exchange: Exchange) -> None:
+        raise RuntimeError("no gateway")
 
 
 class WorkerState:
@@ -46,15 +84,17 @@ class WorkerState:
         self.worker_id = worker_id
         self.now = loop.time()
         self.connections: set[Connection] = set()
-        self.clusters: dict[str, Cluster] = {}
-        self.gateway: Pipeline | None = None
+        self.gateway: Pipeline = _NoPipeline()
         self.draining = False
+        # Called with `now` on every tick, in order, after the connections' checks.
+        self.tick_subscribers: list[Callable[[float], None]] = []
+        # Called with every exchange once, when it ends (exchange.py).
+        self.finished: list[Callable[[Exchange], None]] = []
+        self.body_reserved = 0  # request body buffer memory held by BUFFERING exchanges (gateway.py)
         self._id_prefix = b"%s-" % os.urandom(6).hex().encode()
         self._id_counter = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
-        self.on_tick: Callable[[], None] | None = None
-        self.access_log: AccessLog | None = None
         s = config.server
         smallest = min(
             [s.header_timeout, s.keepalive_timeout, s.body_timeout, s.send_timeout, s.drain_idle_grace or 1.0]
@@ -80,20 +120,39 @@ class WorkerState:
         self.now = now = self.loop.time()
         for conn in list(self.connections):
             conn.check(now)
-        for cluster in self.clusters.values():
-            cluster.sweep(now)
-        if self.on_tick is not None:
-            self.on_tick()
-        if self.access_log is not None:
-            self.access_log.flush()
+        self._poll_paused()
+        for subscriber in self.tick_subscribers:
+            subscriber(now)
         if self._drained is not None and not self.connections and not self._drained.done():
             self._drained.set_result(None)
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)
 
+    def _poll_paused(self) -> None:
+        """One poll(2) over the sockets the proxy is not reading: a client gone meanwhile is noticed."""
+        watched: dict[int, Connection] = {}
+        for conn in self.connections:
+            fd = conn.watched_fd()
+            if fd >= 0:
+                watched[fd] = conn
+        if not watched:
+            return
+        poller = select.poll()
+        for fd in watched:
+            poller.register(fd, select.POLLRDHUP)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            return
+        for fd, event in events:
+            if event & _HANGUP:
+                watched[fd].peer_closed(bool(event & _RESET))
+
     async def drain(self, timeout: float) -> bool:
-        """Stop keeping connections alive; wait until all closed. True if drained in time."""
+        """Stop taking requests; let in-flight ones finish; wait until all closed. True if drained in time."""
         self.draining = True
         self._drained = self.loop.create_future()
+        for conn in list(self.connections):
+            conn.shutdown()
         if not self.connections:
             self._drained.set_result(None)
         try:
@@ -103,6 +162,3 @@ class WorkerState:
             for conn in list(self.connections):
                 conn.abort()
             return False
-        finally:
-            for cluster in self.clusters.values():
-                cluster.close_idle()

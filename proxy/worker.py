@@ -59,10 +59,16 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     loop = asyncio.get_running_loop()
     state = WorkerState(loop, config, worker_id=slot)
     connector = make_connector(state)
-    state.clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
-    state.gateway = Gateway(config, state, state.clusters)
+    clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
+    state.gateway = Gateway(config, state, clusters)
+    for cluster in clusters.values():
+        state.tick_subscribers.append(cluster.sweep)
+    access_log: AccessLog | None = None
     if config.server.access_log:
-        state.access_log = AccessLog.open(config.server.access_log_path, slot)
+        access_log = AccessLog.open(config.server.access_log_path, slot)
+        state.finished.append(access_log.exchange_finished)
+        state.tick_subscribers.append(access_log.tick)
+    state.tick_subscribers.append(status.heartbeat)
     settings = Http1Settings(state)
     stop = loop.create_future()
 
@@ -74,7 +80,6 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     server = await loop.create_server(
         lambda: HttpProtocol(state, settings), sock=sock, backlog=config.server.backlog, start_serving=True
     )
-    state.on_tick = lambda: status.heartbeat(state.now)
     state.start()
     # Everything allocated so far lives as long as the worker: keep it out of every GC pass, and
     # collect the young generation less often (request objects are freed by reference counting).
@@ -88,9 +93,11 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     drained = await state.drain(config.server.drain_timeout)
     if not drained:
         log.warning("worker %d: drain_timeout reached, closed remaining connections", slot)
+    for cluster in clusters.values():
+        cluster.close_idle()
     state.stop()
-    if state.access_log is not None:
-        state.access_log.close()
+    if access_log is not None:
+        access_log.close()
 
 
 def _die_with_parent(parent: int) -> None:

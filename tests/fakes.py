@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.config import Address, Config, build
 from proxy.errors import ProxyError
-from proxy.exchange import PHASE_DONE, PHASE_WAIT_RESPONSE, Exchange
+from proxy.exchange import BODY_NONE, BodyKind, Exchange
+from proxy.server import WorkerState
+
+MINIMAL_CONFIG: dict[str, Any] = {
+    "upstreams": {"b": {"servers": ["127.0.0.1:1"]}},
+    "routes": [{"prefix": "/", "upstream": "b"}],
+}
 
 
 class MockTransport:
@@ -75,28 +82,85 @@ class MockLoop:
         return self.now
 
 
+def worker_state(config: Config | None = None) -> WorkerState:
+    """A WorkerState on a MockLoop (clock 100.0), for `config` or a minimal one."""
+    return WorkerState(MockLoop(), config or build(MINIMAL_CONFIG))  # type: ignore[arg-type]
+
+
 class RecordingGateway:
+    """Starts and records every exchange handed to it, like a gateway whose upstream never answers."""
+
     def __init__(self) -> None:
         self.exchanges: list[Exchange] = []
 
     def handle(self, exchange: Exchange) -> None:
+        exchange.start()
         self.exchanges.append(exchange)
+
+    def resume(self, exchange: Exchange) -> None:
+        raise AssertionError("nothing suspends here")
+
+    def forward(self, exchange: Exchange) -> None:
+        raise AssertionError("nothing buffers here")
 
 
 class FakeDownstream:
+    """Records what the proxy answered; finishes exchanges like a real downstream."""
+
+    write_paused = False
+
     def __init__(self) -> None:
         self.failures: list[ProxyError] = []
 
-    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        exchange.phase = PHASE_DONE
+    def answer(self, exchange: Exchange, error: ProxyError) -> None:
         self.failures.append(error)
+        exchange.status = error.status
+        exchange.finish()
+
+    def reset(self, exchange: Exchange) -> None:
+        exchange.finish()
+
+    def body_wanted(self, exchange: Exchange) -> None:
+        pass
+
+
+def make_exchange(
+    downstream: Any,
+    worker: WorkerState | None = None,
+    *,
+    method: bytes = b"GET",
+    target: bytes = b"/",
+    body_kind: BodyKind = BODY_NONE,
+    content_length: int = -1,
+    start: bool = True,
+) -> Exchange:
+    """An exchange as a downstream would make it (started, i.e. handed to the gateway, unless told)."""
+    exchange = Exchange(
+        worker=worker or worker_state(),
+        downstream=downstream,
+        method=method,
+        target=target,
+        host=b"h",
+        headers=[],
+        request_id=b"id",
+        forward_lines=b"",
+        body_kind=body_kind,
+        content_length=content_length,
+    )
+    if start:
+        exchange.start()
+    return exchange
 
 
 class FakeConn:
-    def __init__(self, name: str) -> None:
+    """A pooled upstream connection that takes exchanges and never answers."""
+
+    def __init__(self, name: str, address: Address | None = None) -> None:
         self.name = name
+        self.address = address or Address("127.0.0.1", 9999)
         self.idle_since = 0.0
         self.attached: list[Exchange] = []
+        self.unparked: list[tuple[Exchange, bool]] = []
         self.closed = False
 
     @property
@@ -104,8 +168,23 @@ class FakeConn:
         return not self.closed
 
     def attach(self, exchange: Exchange) -> None:
-        exchange.phase = PHASE_WAIT_RESPONSE
+        exchange.sent(self, self.address, exchange.worker.now + 30.0)
         self.attached.append(exchange)
+
+    def send_body(self, data: bytes) -> None:
+        pass
+
+    def end_body(self) -> None:
+        pass
+
+    def pause_response(self) -> None:
+        pass
+
+    def resume_response(self) -> None:
+        pass
+
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        self.unparked.append((exchange, timed_out))
 
     def close(self) -> None:
         self.closed = True

@@ -1,8 +1,9 @@
-"""Pure HTTP/1.1 framing helpers: status lines, hop-by-hop rules, head rewriting, chunk encoding.
+"""Pure HTTP/1.1 framing helpers: status lines, request body framing, response head rewriting, chunks.
 
 Nothing here touches a transport; every function maps bytes to bytes and is unit-tested alone.
 The response head is never split into per-header Python objects on the hot path: one compiled
-regex removes the hop-by-hop lines (and a stale request-id line) from the upstream head in C.
+regex removes the hop-by-hop lines (and a stale request-id line) from the upstream head in C;
+`head_pairs` splits it for a downstream that needs (name, value) pairs (HTTP/2).
 """
 
 from __future__ import annotations
@@ -13,32 +14,14 @@ from typing import Final
 
 import orjson
 
+from proxy.errors import BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
-
-# Headers that describe one connection, never forwarded (RFC 9110 7.6.1 plus the de-facto ones).
-HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
+from proxy.forwarding import FRAMING, HOP_BY_HOP, connection_tokens
 
 REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)
 }
-
-
-def connection_tokens(value: bytes) -> set[bytes]:
-    """Lower-cased tokens of a Connection header value."""
-    return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
 def _alternation(names: frozenset[bytes]) -> bytes:
@@ -112,7 +95,7 @@ class ResponseHeadRewriter:
             extra = set()
             for value in nominated:
                 extra |= connection_tokens(value)
-            extra -= {b"close", b"keep-alive"}
+            extra -= FRAMING | {b"close", b"keep-alive"}  # the response must stay framed
             if extra:
                 head = _hop_regex(tuple(extra)).sub(b"", head)
         if not head.startswith(b"HTTP/1.1 "):
@@ -128,9 +111,30 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
-def error_response(status: int, code: str, request_id: bytes, *, close: bool, extra: bytes = b"") -> bytes:
-    """A complete JSON error response: `{"error": code, "request_id": id}`."""
-    body = orjson.dumps({"error": code, "request_id": request_id.decode("latin-1")})
+def error_response(
+    status: int,
+    code: str,
+    request_id: bytes,
+    *,
+    close: bool,
+    extra: bytes = b"",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+    more_headers: list[tuple[bytes, bytes]] | None = None,
+    fields: dict[str, object] | None = None,
+) -> bytes:
+    """A complete JSON answer of the proxy: `{"error": code, **fields, "request_id": id}`.
+
+    `extra` is pre-encoded header lines (each starting with CRLF); `headers` and `more_headers` are
+    (name, value) pairs (an error's own, and those the steps added to the exchange).
+    """
+    payload: dict[str, object] = {"error": code}
+    if fields:
+        payload.update(fields)
+    payload["request_id"] = request_id.decode("latin-1")
+    body = orjson.dumps(payload)
+    lines = [b"\r\n%s: %s" % pair for pair in headers]
+    if more_headers:
+        lines.extend([b"\r\n%s: %s" % pair for pair in more_headers])
     return b"".join(
         (
             STATUS_LINES[status],
@@ -138,6 +142,7 @@ def error_response(status: int, code: str, request_id: bytes, *, close: bool, ex
             str(len(body)).encode(),
             b"\r\nx-request-id: ",
             request_id,
+            b"".join(lines),
             extra,
             b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",
             body,
@@ -145,9 +150,35 @@ def error_response(status: int, code: str, request_id: bytes, *, close: bool, ex
     )
 
 
-_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
+def head_pairs(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The header lines of a response head (as passed to `Downstream.response_head`) as (lower-cased
+    name, value) pairs, for a downstream that encodes headers itself (HTTP/2). The status line is skipped."""
+    pairs: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        pairs.append((name.strip().lower(), value.strip(b" \t")))
+    return pairs
 
 
-def valid_request_id(value: bytes) -> bool:
-    """A client-supplied request id we are willing to forward and echo (visible ASCII, bounded)."""
-    return _REQUEST_ID.fullmatch(value) is not None
+def request_framing(te: bytes | None, length: bytes | None, http11: bool, max_body: int) -> tuple[BodyKind, int]:
+    """How a request body is framed (RFC 9112 6.3): (kind, content length or -1).
+
+    llhttp has already rejected Content-Length with Transfer-Encoding, duplicate or malformed lengths
+    and chunked not last; this adds the proxy's own rules: Transfer-Encoding exactly `chunked`, none in
+    HTTP/1.0, and the body size limit. `te`, `length`: the header values, trimmed (None when absent).
+    """
+    if te is not None:
+        if not http11:
+            raise BadRequest("transfer_encoding_in_http10")
+        codings = te.lower()
+        if codings.rsplit(b",", 1)[-1].strip() != b"chunked":
+            raise BadRequest("invalid_transfer_encoding")  # the body length cannot be known
+        if codings.strip() != b"chunked":
+            raise NotImplementedByProxy("unsupported_transfer_encoding")
+        return BODY_CHUNKED, -1
+    if length is not None:
+        size = int(length)
+        if size > max_body:
+            raise PayloadTooLarge()
+        return (BODY_LENGTH if size else BODY_NONE), size
+    return BODY_NONE, -1

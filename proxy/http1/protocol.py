@@ -1,13 +1,17 @@
 """HTTP/1.1 downstream: httptools callbacks -> `Exchange` -> gateway; upstream response -> client.
 
-Theory of operation: the parser is fed every read. A complete request head becomes an `Exchange`;
-the first one in flight is `active` and is handed to the gateway at once, later ones (pipelining)
-wait in `queue` with reading paused, and are dispatched in order as responses finish, so
-responses leave in request order. `reading` is the exchange whose body the parser is reading:
-pieces go to its upstream connection, or are buffered (bounded, reading paused) until one is
-attached. The upstream client calls the `Downstream` methods; response bytes are queued in `out`
-and written once per upstream read. Deadlines (head, body, idle, send, and the active exchange's
-upstream phase) are checked by `check`, called from the worker tick. Any framing error answers
+Theory of operation: bytes are fed to the parser; a complete request head becomes an `Exchange`
+(headers sorted and forwarding lines computed by the protocol-neutral functions of forwarding.py)
+appended to `queue`. Exchanges are handed to the gateway only after the parser returns (`_pump`), one
+at a time: the first in line becomes `active`, and the next one goes when the active one is finished,
+so responses leave in request order and nothing the parser rejects later in the same bytes ever
+reaches an upstream. While exchanges wait behind the active one reading is paused; bytes already
+read are parsed at most `max_pipelined` requests ahead (the rest waits unparsed in `backlog`).
+`reading` is the exchange whose body the parser is reading: pieces go to its upstream connection, or
+are kept on the exchange (bounded; reading pauses) until one is attached. The upstream client calls
+the `Downstream` methods; response bytes are queued in `out` and written once per upstream read.
+Deadlines (head, body gaps and total, idle, send) are checked by `check`, called from the worker
+tick, which also asks the active exchange to enforce its own (exchange.py). Any framing error answers
 400 (or the error's own status) and closes: the connection cannot be trusted after it.
 """
 
@@ -23,13 +27,11 @@ import httptools
 from proxy.errors import (
     BadRequest,
     ExpectationFailed,
-    GatewayTimeout,
     HeadersTooLarge,
     NotImplementedByProxy,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
-    ServiceUnavailable,
     VersionNotSupported,
 )
 from proxy.exchange import (
@@ -37,52 +39,17 @@ from proxy.exchange import (
     BODY_LENGTH,
     BODY_NONE,
     BODY_UNTIL_CLOSE,
-    PHASE_CONNECTING,
+    NEVER,
+    PHASE_BUFFERING,
     PHASE_DONE,
-    PHASE_ROUTING,
-    PHASE_WAIT_CONNECTION,
-    PHASE_WAIT_RESPONSE,
     BodyKind,
     Exchange,
 )
-from proxy.http1.framing import (
-    LAST_CHUNK,
-    chunk,
-    connection_tokens,
-    error_response,
-    valid_request_id,
-)
+from proxy.forwarding import ForwardPolicy, HeadScan, scan_headers, upstream_headers, valid_host
+from proxy.http1.framing import LAST_CHUNK, chunk, error_response, request_framing
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
-
-# Request headers the proxy handles itself instead of forwarding as they are.
-_HOST: Final = 1
-_LENGTH: Final = 2
-_TE: Final = 3
-_CONNECTION: Final = 4
-_HOP: Final = 5
-_EXPECT: Final = 6
-_XFF: Final = 7
-_DROP: Final = 8
-_REQUEST_ID: Final = 9
-_UPGRADE: Final = 10
-_BASE_SPECIAL: Final = {
-    b"host": _HOST,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _TE,
-    b"connection": _CONNECTION,
-    b"keep-alive": _HOP,
-    b"proxy-connection": _HOP,
-    b"te": _HOP,
-    b"trailer": _HOP,
-    b"upgrade": _UPGRADE,
-    b"proxy-authorization": _HOP,
-    b"expect": _EXPECT,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _DROP,
-    b"x-forwarded-host": _DROP,
-}
 
 # Why reading is paused (a bit each); reading resumes when none is left.
 _PAUSE_PIPELINE: Final = 1
@@ -90,38 +57,47 @@ _PAUSE_BODY_BUFFER: Final = 2
 _PAUSE_UPSTREAM: Final = 4
 _PAUSE_CLIENT_BEHIND: Final = 8  # the client does not read our answers: read no new requests from it
 
+# The shortest request head a parser can complete ("GET / HTTP/1.0" CRLF CRLF is 18 bytes): a read of
+# fewer than this many bytes per free pipeline place cannot overfill the pipeline.
+_MIN_HEAD: Final = 16
+
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_LINE: Final = b"\r\ntransfer-encoding: chunked"
 _CLOSE_LINE: Final = b"\r\nconnection: close"
 _KEEP_ALIVE_LINE: Final = b"\r\nconnection: keep-alive"
-_NEVER: Final = float("inf")
+_HTTP11: Final = b"HTTP/1.1"
+_HTTP10: Final = b"HTTP/1.0"
 
 
 class Http1Settings:
     """Per-worker constants derived from the config once, shared by all HTTP/1 connections."""
 
     __slots__ = (
+        "abort_on_half_close",
         "body_timeout",
+        "body_total_timeout",
         "dispatch",
         "drain_idle_grace",
         "header_timeout",
         "keepalive_timeout",
+        "kinds",
         "lingering_timeout",
         "max_body",
         "max_header_bytes",
         "max_header_count",
         "max_pipelined",
+        "new_id",
+        "pending_limit",
+        "policy",
         "request_id_line",
         "send_timeout",
-        "special",
-        "static_lines",
         "via_line",
         "write_limit",
     )
 
     def __init__(self, state: WorkerState) -> None:
-        assert state.gateway is not None, "the gateway is built before the protocols"
         self.dispatch: Callable[[Exchange], None] = state.gateway.handle  # bound once: no lookup per request
+        self.new_id: Callable[[], bytes] = state.next_request_id
         s = state.config.server
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -130,16 +106,18 @@ class Http1Settings:
         self.header_timeout = s.header_timeout
         self.keepalive_timeout = s.keepalive_timeout
         self.body_timeout = s.body_timeout
+        self.body_total_timeout = s.body_total_timeout
         self.send_timeout = s.send_timeout
         self.drain_idle_grace = s.drain_idle_grace
         self.lingering_timeout = s.lingering_timeout
         self.write_limit = s.write_buffer_limit
-        rid = s.request_id_header.encode()
-        self.special = dict(_BASE_SPECIAL)
-        self.special[rid] = _REQUEST_ID
-        self.request_id_line = b"%s: " % rid
+        # Request body kept before an upstream takes it: reading pauses beyond this.
+        self.pending_limit = max(s.write_buffer_limit, s.body_buffer_size)
+        self.abort_on_half_close = s.half_close == "abort"
+        self.policy = ForwardPolicy(s.request_id_header, s.via)
+        self.kinds = self.policy.kinds
+        self.request_id_line = b"\r\n%s: " % s.request_id_header.encode()
         self.via_line = b"\r\nvia: %s" % s.via.encode() if s.via else b""
-        self.static_lines = b"x-forwarded-proto: http\r\n" + (b"via: %s\r\n" % s.via.encode() if s.via else b"")
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -147,25 +125,21 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "active",
+        "backlog",
         "body_deadline",
         "body_received",
+        "body_total_deadline",
         "chunk_idle",
         "client_ip",
         "closing",
         "deferred_error",
+        "deferred_exchange",
+        "fd",
         "feed",
-        "h_connection",
-        "h_expect",
-        "h_host",
-        "h_length",
-        "h_request_id",
-        "h_te",
-        "h_upgrade",
-        "h_xff",
+        "framing_bytes",
         "head_deadline",
         "head_raw",
         "header_bytes",
-        "headers",
         "http11",
         "idle_since",
         "in_head",
@@ -174,23 +148,27 @@ class HttpProtocol(asyncio.Protocol):
         "method_of",
         "n_headers",
         "out",
+        "pairs",
         "parse_failed",
         "parser",
         "paused_since",
+        "progress",
+        "pumping",
         "queue",
         "read_paused",
         "reading",
         "requests",
         "resp_chunked",
         "resp_keep_alive",
+        "scan",
+        "scheme",
         "settings",
+        "shutting_down",
         "state",
-        "trailer_raw",
         "transport",
         "url",
         "write",
         "write_paused",
-        "xff_line",
     )
 
     def __init__(self, state: WorkerState, settings: Http1Settings) -> None:
@@ -205,119 +183,94 @@ class HttpProtocol(asyncio.Protocol):
         self.keeps_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.method_of: Callable[[], bytes] = self.parser.get_method
         self.write: Callable[[bytes], None] = _not_connected
+        self.fd = -1
         self.client_ip = b""
-        self.xff_line = b""
+        self.scheme = b"http"
+        self.scan = HeadScan()
         self.out: list[bytes] = []
         self.active: Exchange | None = None  # the exchange being answered
-        self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for `active`
-        self.reading: Exchange | None = None  # the exchange whose body is being parsed
+        self.queue: deque[Exchange] = deque()  # parsed, waiting for their turn (the next one first)
+        self.backlog = b""  # bytes read but not parsed: the pipeline was full
+        self.pumping = False
+        self.reading: Exchange | None = None  # the exchange whose message the parser is in
         self.read_paused = 0
         self.write_paused = False
         self.paused_since = 0.0
         self.closing = False
+        self.shutting_down = False
         self.linger_deadline = 0.0
         self.deferred_error: ProxyError | None = None  # answered after the exchanges parsed before it
+        self.deferred_exchange: Exchange | None = None  # the request it answers, if it had a head
         self.parse_failed = False
         self.requests = 0
         self.idle_since = state.now
         self.in_head = False
         self.head_raw = 0
         self.head_deadline = 0.0
-        self.body_deadline = _NEVER
+        self.body_deadline = NEVER
+        self.body_total_deadline = NEVER
         self.body_received = 0
-        self.chunk_idle = False  # inside a chunk header that no data followed yet (the last chunk's trailers)
-        self.trailer_raw = 0
+        self.progress = False  # the parser reported body progress during the current feed
+        self.chunk_idle = False  # after a chunk header that no data followed yet (the last chunk's trailers)
+        self.framing_bytes = 0  # chunked-body bytes read without body progress (size lines, extensions, trailers)
         self.resp_chunked = False
         self.resp_keep_alive = True
+        self.http11 = True
         # Per-request state (reset in on_message_begin)
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.pairs: list[tuple[bytes, bytes]] = []
         self.n_headers = 0
         self.header_bytes = 0
-        self.http11 = True
-        self.h_host: bytes | None = None
-        self.h_length: bytes | None = None
-        self.h_te: bytes | None = None
-        self.h_connection: bytes | None = None
-        self.h_expect: bytes | None = None
-        self.h_xff: bytes | None = None
-        self.h_request_id: bytes | None = None
-        self.h_upgrade = False
 
     # ------------------------------------------------------------------ transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Accepted: remember the peer, set buffer limits, start the header clock."""
+        """Accepted: remember the peer and the scheme, set buffer limits, start the header clock."""
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self.settings.write_limit)
         self.write = self.transport.write
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]).encode() if peer else b"unknown"
-        self.xff_line = b"x-forwarded-for: %s\r\n" % self.client_ip
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
         self.idle_since = self.state.now
+        self.shutting_down = self.state.draining
         self.state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.parse_failed:
             return  # lingering close, or the stream is beyond repair: discard
-        if self.in_head:
-            self.head_raw += len(data)
-        was_idle = self.chunk_idle
-        while True:
-            try:
-                self.feed(data)
-            except httptools.HttpParserCallbackError as exc:
-                error = exc.__context__
-                if isinstance(error, _StopParsing):
-                    return
-                if not isinstance(error, ProxyError):
-                    raise
-                self._protocol_error(error)
-                return
-            except httptools.HttpParserUpgrade as exc:
-                # An Upgrade request (without a body: see on_headers_complete) was answered as plain
-                # HTTP, Upgrade being hop-by-hop; what follows it is the next request.
-                offset = int(exc.args[0])
-                if offset >= len(data) or self.closing or self.parse_failed:
-                    return
-                data = data[offset:]
-                continue
-            except httptools.HttpParserError as exc:
-                self._protocol_error(BadRequest(str(exc) or "malformed_request"))
-                return
-            break
-        if self.in_head and self.head_raw > self.settings.max_header_bytes:
-            self._protocol_error(HeadersTooLarge())
-        elif was_idle and self.chunk_idle:
-            # A whole read after a chunk header without any chunk data: that was the last chunk and these
-            # are trailer fields, which httptools accumulates itself. Bound them like a head.
-            self.trailer_raw += len(data)
-            if self.trailer_raw > self.settings.max_header_bytes:
-                self._protocol_error(HeadersTooLarge("trailers_too_large"))
+        self._parse(data)
+        if self.queue or self.active is not None:
+            self._pump()
 
     def eof_received(self) -> bool | None:
-        """Client half-closed: finish what is in flight, then close (returning True keeps our side open)."""
-        if self.active is None and not self.queue:
-            return None
-        self.resp_keep_alive = False
-        for exchange in self.queue:
-            exchange.keep_alive = False
-        if self.active is not None:
-            self.active.keep_alive = False
+        """Client half-closed. With `server.half_close = "abort"` (like NGINX) the exchanges in flight are
+        given up (499); with "finish" they are answered, then the connection closes."""
+        if (self.active is None and not self.queue) or self.settings.abort_on_half_close:
+            return None  # close: connection_lost gives up whatever is in flight
+        self._no_more_requests()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Gone: give up the exchange in flight, whatever phase it is in."""
+        """Gone: give up every exchange of the connection, whatever its phase."""
         self.closing = True
         self.state.connections.discard(self)
-        exchange = self.active
+        active = self.active
         self.active = None
+        self.reading = None
+        queued = list(self.queue)
         self.queue.clear()
-        if exchange is not None:
-            self._abandon_upstream(exchange)
-            if self.state.access_log is not None:
-                exchange.status = exchange.status or 499  # nginx's "client closed request"
-                self._log(exchange)
+        self.backlog = b""
+        if active is not None:
+            active.cancel()
+        for exchange in queued:
+            exchange.cancel()
+        if self.deferred_exchange is not None:
+            self.deferred_exchange.cancel()
+            self.deferred_exchange = None
 
     def pause_writing(self) -> None:
         """Client is slow: stop reading the upstream response until it catches up, and (between request
@@ -327,7 +280,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.reading is None:
             self._pause(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase == PHASE_WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_response()
 
     def resume_writing(self) -> None:
@@ -335,8 +288,92 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self._resume(_PAUSE_CLIENT_BEHIND)
         exchange = self.active
-        if exchange is not None and exchange.upstream is not None and exchange.phase == PHASE_WAIT_RESPONSE:
+        if exchange is not None and exchange.upstream is not None:
             exchange.upstream.resume_response()
+
+    # ------------------------------------------------------------------ feeding the parser
+
+    def _parse(self, data: bytes) -> None:
+        """Feed `data`, in slices when it could hold more request heads than the pipeline has room for:
+        at a message boundary with the pipeline full, what is left waits unparsed in `backlog`."""
+        limit = self.settings.max_pipelined
+        while True:
+            room = limit - len(self.queue)
+            if room <= 0 and not self.in_head and self.reading is None:
+                self.backlog = data
+                self._pause(_PAUSE_PIPELINE)
+                return
+            size = len(data)
+            if size <= room * _MIN_HEAD:
+                self._feed(data)
+                return
+            cut = self._next_cut(data)
+            if cut >= size:
+                self._feed(data)
+                return
+            if not self._feed(data[:cut]):
+                return
+            data = data[cut:]
+
+    def _next_cut(self, data: bytes) -> int:
+        """Where the message being parsed ends in `data` at the earliest: the rest of a Content-Length
+        body, else just past the next CRLF CRLF (every head, and every chunked body, ends with one).
+        Cutting early is harmless: the parser takes a stream, and the next slice follows."""
+        reading = self.reading
+        if reading is not None and reading.body_kind == BODY_LENGTH and not self.in_head:
+            rest = reading.content_length - self.body_received
+            if rest > 0:
+                return rest
+        end = data.find(b"\r\n\r\n")
+        return len(data) if end < 0 else end + 4
+
+    def _feed(self, data: bytes) -> bool:
+        """Feed one slice; False once the connection is answered for good (framing error, closing)."""
+        if self.in_head:
+            self.head_raw += len(data)
+        self.progress = False
+        while True:
+            try:
+                self.feed(data)
+            except httptools.HttpParserCallbackError as exc:
+                error = exc.__context__
+                if isinstance(error, _StopParsing):
+                    return False
+                if not isinstance(error, ProxyError):
+                    raise
+                self._protocol_error(error)
+                return False
+            except httptools.HttpParserUpgrade as exc:
+                # An Upgrade request (without a body: see on_headers_complete) is answered as plain HTTP,
+                # Upgrade being hop-by-hop; what follows it is the next request.
+                offset = int(exc.args[0])
+                if offset >= len(data) or self.closing or self.parse_failed:
+                    break
+                data = data[offset:]
+                continue
+            except httptools.HttpParserInvalidMethodError:
+                self._protocol_error(NotImplementedByProxy("method_not_implemented"))
+                return False
+            except httptools.HttpParserError as exc:
+                reason = str(exc)
+                if reason == "Invalid HTTP version":
+                    self._protocol_error(VersionNotSupported())
+                else:
+                    self._protocol_error(BadRequest(reason or "malformed_request"))
+                return False
+            break
+        if self.in_head and self.head_raw > self.settings.max_header_bytes:
+            self._protocol_error(HeadersTooLarge())
+        elif self.reading is not None and not self.progress and self.reading.body_kind == BODY_CHUNKED:
+            # A whole slice of chunk framing without data: chunk-size lines with their extensions, or,
+            # after the last chunk, trailer fields (which httptools accumulates itself). Bound them.
+            self.framing_bytes += len(data)
+            if self.framing_bytes > self.settings.max_header_bytes:
+                if self.chunk_idle:
+                    self._protocol_error(HeadersTooLarge("trailers_too_large"))
+                else:
+                    self._protocol_error(BadRequest("chunk_extension_too_long"))
+        return not (self.closing or self.parse_failed)
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -347,12 +384,9 @@ class HttpProtocol(asyncio.Protocol):
         self.head_raw = 0
         self.head_deadline = self.state.now + self.settings.header_timeout
         self.url = b""
-        self.headers = []
+        self.pairs = []
         self.n_headers = 0
         self.header_bytes = 0
-        self.h_host = self.h_length = self.h_te = self.h_connection = None
-        self.h_expect = self.h_xff = self.h_request_id = None
-        self.h_upgrade = False
 
     def on_url(self, url: bytes) -> None:
         self.url = self.url + url if self.url else url
@@ -366,137 +400,105 @@ class HttpProtocol(asyncio.Protocol):
         self.n_headers += 1
         if self.n_headers > self.settings.max_header_count or self.header_bytes > self.settings.max_header_bytes:
             raise HeadersTooLarge()
-        kind = self.settings.special.get(name.lower())
-        if kind is None:
-            self.headers.append((name, value))
-        elif kind == _HOST:
-            if self.h_host is not None:
-                raise BadRequest("duplicate_host")
-            self.h_host = value
-        elif kind == _LENGTH:
-            self.h_length = value
-        elif kind == _TE:
-            self.h_te = value if self.h_te is None else self.h_te + b", " + value
-        elif kind == _CONNECTION:
-            self.h_connection = value if self.h_connection is None else self.h_connection + b"," + value
-        elif kind == _XFF:
-            self.h_xff = value if self.h_xff is None else self.h_xff + b", " + value
-        elif kind == _REQUEST_ID:
-            if self.h_request_id is None:
-                self.h_request_id = value
-        elif kind == _EXPECT:
-            self.h_expect = value
-        elif kind == _UPGRADE:
-            self.h_upgrade = True
-        # _HOP and _DROP: not forwarded
+        self.pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         settings = self.settings
         state = self.state
         keep_alive = self.keeps_alive()
-        if self.requests == 0 or not keep_alive or self.h_connection is not None:
+        scan = self.scan
+        scan_headers(settings.kinds, self.pairs, scan)
+        if self.requests == 0 or not keep_alive or scan.connection is not None:
             version = self.parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
             http11 = version == "1.1"
             if not http11 and version != "1.0":
                 raise VersionNotSupported()
             self.http11 = http11
         else:
-            http11 = self.http11  # 1.1 keep-alive without a Connection header: same as before on this connection
+            http11 = self.http11  # 1.1 keep-alive without a Connection header: as before on this connection
         method = self.method_of()
         if method == b"CONNECT":
             raise NotImplementedByProxy("connect_not_supported")
-        # Framing: llhttp already rejected CL+TE, duplicate or malformed Content-Length and bad TE lists.
-        length = -1
-        if self.h_te is not None:
-            if not http11:
-                raise BadRequest("transfer_encoding_in_http10")
-            codings = self.h_te.lower()
-            if codings.rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise BadRequest("invalid_transfer_encoding")  # the body length cannot be known
-            if codings.strip() != b"chunked":
-                raise NotImplementedByProxy("unsupported_transfer_encoding")
-            kind = BODY_CHUNKED
-        elif self.h_length is not None:
-            length = int(self.h_length)
-            if length > settings.max_body:
-                raise PayloadTooLarge()
-            kind = BODY_LENGTH if length else BODY_NONE
-        else:
-            kind = BODY_NONE
-        if self.h_upgrade and kind != BODY_NONE:
+        kind, length = request_framing(scan.te, scan.length, http11, settings.max_body)
+        if scan.upgrade and kind != BODY_NONE:
             # llhttp would take the body for the upgraded protocol's bytes; we never upgrade.
             raise BadRequest("upgrade_with_body")
         target = self.url
-        host = self.h_host
+        host = scan.host
+        if host is None and http11:
+            raise BadRequest("missing_host")  # RFC 9112 3.2, absolute-form included
         if target[:1] != b"/":
             target, host = _non_origin_target(method, target, host)
+        elif host is not None and not valid_host(host):
+            raise BadRequest("invalid_host")
         # `find`, not `in`: bytes.__contains__ first tries the operand as an int and clears a TypeError.
         if target.find(b"/.") >= 0 or target.find(b"%2") >= 0:
             _check_dot_segments(target)
         if host is None:
-            if http11:
-                raise BadRequest("missing_host")
-            host = b""
-        headers = self.headers
-        if self.h_connection is not None:
-            nominated = connection_tokens(self.h_connection) - {b"close", b"keep-alive"}
-            if nominated:
-                headers = [h for h in headers if h[0].lower() not in nominated]
-        rid = self.h_request_id
-        if rid is None or not valid_request_id(rid):
-            rid = state.next_request_id()
-        xff = self.xff_line if self.h_xff is None else b"x-forwarded-for: %s, %s\r\n" % (self.h_xff, self.client_ip)
-        forward = b"".join(
-            (xff, settings.static_lines, b"x-forwarded-host: ", host, b"\r\n", settings.request_id_line, rid, b"\r\n")
+            host = b""  # HTTP/1.0 without Host
+        client = self.client_ip
+        headers, rid, lines = upstream_headers(
+            settings.policy, scan, host=host, client=client, scheme=self.scheme, new_id=settings.new_id
         )
-        exchange = Exchange(self, method, target, host, headers, rid, forward, kind, length)
+        exchange = Exchange(
+            worker=state,
+            downstream=self,
+            method=method,
+            target=target,
+            host=host,
+            headers=headers,
+            request_id=rid,
+            forward_lines=lines,
+            body_kind=kind,
+            content_length=length,
+            client=client,
+            protocol=_HTTP11 if http11 else _HTTP10,
+            head_bytes=len(method) + len(self.url) + self.header_bytes + 14,
+        )
         exchange.keep_alive = keep_alive
-        if state.access_log is not None:
-            exchange.started = state.loop.time()
-        if self.h_expect is not None:
-            if self.h_expect.strip().lower() != b"100-continue":
+        if scan.expect is not None:
+            if scan.expect.lower() != b"100-continue":
                 raise ExpectationFailed()
             exchange.expect_continue = http11 and kind != BODY_NONE
         self.requests += 1
+        self.reading = exchange  # until its message is complete (a later parser error then drops it)
         if kind != BODY_NONE:
-            self.reading = exchange
+            now = state.now
             self.body_received = 0
-            self.body_deadline = state.now + settings.body_timeout
-        if self.active is None:
-            self.active = exchange
-            settings.dispatch(exchange)
-        else:
-            self.queue.append(exchange)
+            self.body_deadline = now + settings.body_timeout
+            self.body_total_deadline = now + settings.body_total_timeout
+            self.framing_bytes = 0
+        if self.active is not None or self.queue:
             self._pause(_PAUSE_PIPELINE)
-            if len(self.queue) > settings.max_pipelined:
-                raise BadRequest("too_many_pipelined_requests")
+        self.queue.append(exchange)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.reading
         if exchange is None:
             return
+        self.progress = True
         self.chunk_idle = False
-        self.body_received += len(body)
+        self.framing_bytes = 0
+        size = len(body)
+        self.body_received += size
+        exchange.bytes_in += size
         if self.body_received > self.settings.max_body:
             raise PayloadTooLarge()
         self.body_deadline = self.state.now + self.settings.body_timeout
-        phase = exchange.phase
-        if phase == PHASE_WAIT_RESPONSE:
-            exchange.upstream.send_body(body)  # type: ignore[union-attr]
-        elif phase != PHASE_DONE:
-            if exchange.pending_body is None:
-                exchange.pending_body = [body]
-            else:
-                exchange.pending_body.append(body)
-            exchange.pending_bytes += len(body)
-            if exchange.pending_bytes > self.settings.write_limit:
+        upstream = exchange.upstream
+        if upstream is not None:
+            upstream.send_body(body)
+        elif exchange.phase != PHASE_DONE:
+            exchange.buffer_body(body)
+            if exchange.pending_bytes > self.settings.pending_limit:
                 self._pause(_PAUSE_BODY_BUFFER)
         # DONE: answered early (error, or upstream finished first): the body is read and discarded.
 
     def on_chunk_header(self) -> None:
+        self.progress = True
         self.chunk_idle = True
-        self.trailer_raw = 0
+        self.framing_bytes = 0
 
     def on_chunk_complete(self) -> None:
         self.chunk_idle = False
@@ -507,25 +509,85 @@ class HttpProtocol(asyncio.Protocol):
         if exchange is None:
             return
         self.reading = None
+        if exchange.body_kind == BODY_NONE:
+            return
         if self.write_paused:
             self._pause(_PAUSE_CLIENT_BEHIND)  # the client fell behind during the body: no new requests now
-        self.body_deadline = _NEVER
+        self.body_deadline = self.body_total_deadline = NEVER
         exchange.body_done = True
-        if exchange.phase == PHASE_WAIT_RESPONSE:
-            exchange.upstream.end_body()  # type: ignore[union-attr]
+        upstream = exchange.upstream
+        if upstream is not None:
+            upstream.end_body()
 
-    # ------------------------------------------------------------------ Downstream (called by upstream)
+    # ------------------------------------------------------------------ the pipeline of this connection
 
-    def upstream_ready(self, exchange: Exchange) -> None:
+    def _pump(self) -> None:
+        """Move the connection's exchanges along: dispatch the next one when none is active, hand a
+        buffered body on, parse held-back bytes when the pipeline has room, answer a deferred error
+        when everything before it is answered. Re-entered (a synchronous answer finishes an exchange
+        inside a dispatch), it returns at once: the outer loop carries on, so depth stays constant."""
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            while not self.closing:
+                active = self.active
+                if active is None:
+                    if self.queue:
+                        active = self.active = self.queue.popleft()
+                        self.settings.dispatch(active)
+                        continue
+                    if self.deferred_error is not None:
+                        error, self.deferred_error = self.deferred_error, None
+                        exchange, self.deferred_exchange = self.deferred_exchange, None
+                        self._answer_and_close(error, exchange)
+                        break
+                elif active.phase == PHASE_BUFFERING and (active.body_done or active.pending_bytes >= active.reserved):
+                    active.body_ready()
+                    continue
+                if self.backlog and len(self.queue) < self.settings.max_pipelined:
+                    data, self.backlog = self.backlog, b""
+                    self._parse(data)
+                    continue
+                break
+            if self.read_paused & _PAUSE_PIPELINE and not self.queue and not self.backlog and not self.parse_failed:
+                self._resume(_PAUSE_PIPELINE)
+        finally:
+            self.pumping = False
+
+    def _finish_response(self, exchange: Exchange, keep: bool) -> None:
+        """The active exchange's response is written: end it and move on to the next one."""
+        self.active = None
+        exchange.finish()
+        if not keep or self.closing:
+            self._close()
+            return
+        self.idle_since = self.state.now
+        if self.read_paused:
+            # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
+            self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
+        self._pump()
+
+    def _no_more_requests(self) -> None:
+        """Answer what was received, then close (the client half-closed)."""
+        self.resp_keep_alive = False
+        for exchange in self.queue:
+            exchange.keep_alive = False
+        if self.active is not None:
+            self.active.keep_alive = False
+
+    # ------------------------------------------------------------------ Downstream (exchange.py)
+
+    def body_wanted(self, exchange: Exchange) -> None:
         self._resume(_PAUSE_BODY_BUFFER)  # an upstream write may pause reading again right after
         if exchange.expect_continue and not exchange.body_done and self.transport is not None:
             exchange.expect_continue = False
-            self.transport.write(_CONTINUE)
+            self.write(_CONTINUE)
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, exchange: Exchange) -> None:
         self._pause(_PAUSE_UPSTREAM)
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, exchange: Exchange) -> None:
         self._resume(_PAUSE_UPSTREAM)
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
@@ -536,7 +598,9 @@ class HttpProtocol(asyncio.Protocol):
             head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
             kind = BODY_LENGTH
         if self.transport is not None:
-            self.write(b"".join((self._head(exchange, status, head, kind), body)))
+            data = b"".join((self._head(exchange, status, head, kind), body))
+            exchange.bytes_out += len(data)
+            self.write(data)
         if exchange is self.active:
             self._finish_response(exchange, self.resp_keep_alive)
 
@@ -544,7 +608,7 @@ class HttpProtocol(asyncio.Protocol):
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
         exchange.response_started = True
         exchange.status = status
-        keep = exchange.keep_alive and not self.state.draining and not self.closing
+        keep = exchange.keep_alive and not self.shutting_down and not self.closing
         chunked = False
         if body in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
             if self.http11:
@@ -554,111 +618,70 @@ class HttpProtocol(asyncio.Protocol):
         self.resp_chunked = chunked
         self.resp_keep_alive = keep
         settings = self.settings
+        added = exchange.response_headers
         return b"".join(
             (
                 head,
-                b"\r\n",
                 settings.request_id_line,
                 exchange.request_id,
                 settings.via_line,
+                b"" if added is None else b"".join([b"\r\n%s: %s" % pair for pair in added]),
                 _CHUNKED_LINE if chunked else b"",
                 _CLOSE_LINE if not keep else (b"" if self.http11 else _KEEP_ALIVE_LINE),
                 b"\r\n\r\n",
             )
         )
 
-    def response_body(self, data: bytes) -> None:
+    def response_body(self, exchange: Exchange, data: bytes) -> None:
         self.out.append(chunk(data) if self.resp_chunked else data)
 
-    def response_end(self) -> None:
+    def response_end(self, exchange: Exchange) -> None:
         if self.resp_chunked:
             self.out.append(LAST_CHUNK)
 
-    def response_flush(self) -> None:
+    def response_flush(self, exchange: Exchange) -> None:
         out = self.out
         if out and self.transport is not None:
-            self.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
+            exchange.bytes_out += len(data)
+            self.write(data)
 
-    def exchange_upstream_done(self, exchange: Exchange) -> None:
+    def response_done(self, exchange: Exchange) -> None:
         if exchange is self.active:
             self._finish_response(exchange, self.resp_keep_alive)
 
-    def response_failed(self, exchange: Exchange, error: ProxyError) -> None:
-        if exchange is not self.active or (exchange.phase == PHASE_DONE and exchange.response_started):
+    def answer(self, exchange: Exchange, error: ProxyError) -> None:
+        if exchange is not self.active or self.transport is None or self.closing:
+            exchange.status = exchange.status or error.status
+            if exchange is self.active:
+                self.active = None
+            exchange.finish()  # (the connection is going away: nothing to write to)
             return
-        self._abandon_upstream(exchange, timed_out=isinstance(error, GatewayTimeout))
-        exchange.phase = PHASE_DONE
-        if exchange.response_started or self.transport is None or self.closing:
-            self.abort()  # a response is half-sent: the client must see the failure
-            return
-        keep = exchange.keep_alive and not error.close and not self.state.draining
+        keep = exchange.keep_alive and not error.close and not self.shutting_down
         if exchange.expect_continue and not exchange.body_done:
             keep = False  # the client may never send the body it was waiting to be asked for
         self.out.clear()
         exchange.status = error.status
-        extra = b"" if self.http11 or not keep else _KEEP_ALIVE_LINE
-        self.transport.write(
-            error_response(error.status, error.detail, exchange.request_id, close=not keep, extra=extra)
+        data = error_response(
+            error.status,
+            error.detail,
+            exchange.request_id,
+            close=not keep,
+            extra=b"" if self.http11 or not keep else _KEEP_ALIVE_LINE,
+            headers=error.headers,
+            more_headers=exchange.response_headers,
+            fields=error.fields,
         )
+        exchange.bytes_out += len(data)
+        self.write(data)
         self._finish_response(exchange, keep)
 
-    # ------------------------------------------------------------------ pipeline
-
-    def _finish_response(self, exchange: Exchange, keep: bool) -> None:
-        self.active = None
-        exchange.phase = PHASE_DONE
-        if exchange.pending_body:
-            exchange.pending_body = None
-            exchange.pending_bytes = 0
-        if self.state.access_log is not None:
-            self._log(exchange)
-        if not keep or self.closing:
-            self._close()
-            return
-        self.idle_since = self.state.now
-        if self.read_paused:
-            # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
-            self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
-        if self.queue:
-            nxt = self.queue.popleft()
-            self.active = nxt
-            if not self.queue:
-                self._resume(_PAUSE_PIPELINE)
-            self.settings.dispatch(nxt)
-        elif self.deferred_error is not None:
-            self._answer_and_close(self.deferred_error)
-        elif self.read_paused:
-            self._resume(_PAUSE_PIPELINE)
-
-    def _log(self, exchange: Exchange) -> None:
-        assert self.state.access_log is not None
-        self.state.access_log.record(
-            method=exchange.method,
-            target=exchange.target,
-            status=exchange.status,
-            duration=self.state.loop.time() - exchange.started,
-            request_id=exchange.request_id,
-            client=self.client_ip,
-            upstream=str(exchange.server or ""),
-            protocol="HTTP/1.1" if self.http11 else "HTTP/1.0",
-        )
-
-    def _abandon_upstream(self, exchange: Exchange, timed_out: bool = False) -> None:
-        """Detach `exchange` from whatever upstream resource it holds or waits for."""
-        phase = exchange.phase
-        upstream = exchange.upstream
-        if phase == PHASE_WAIT_CONNECTION:
-            if exchange.waiting_on is not None:
-                exchange.waiting_on.cancel_waiter(exchange)
-            exchange.phase = PHASE_DONE
-        elif phase == PHASE_CONNECTING:
-            exchange.phase = PHASE_DONE
-            if upstream is not None:
-                upstream.cancel_connect(timed_out)
-        elif phase == PHASE_WAIT_RESPONSE and upstream is not None:
-            upstream.abort_exchange()
-        exchange.upstream = None
+    def reset(self, exchange: Exchange) -> None:
+        if exchange is self.active:
+            self.active = None
+        exchange.finish()
+        self.abort()  # a response is half-sent: the client must see the failure
 
     # ------------------------------------------------------------------ errors, timeouts, closing
 
@@ -666,33 +689,64 @@ class HttpProtocol(asyncio.Protocol):
         """The request stream is broken: stop parsing; answer what came before it, then the error; close.
 
         Exchanges parsed before the broken request are valid and keep their place in line; the error
-        answer follows the last of them. If the broken part is the body of the exchange being
-        answered, that exchange is failed (or aborted, if its response already started).
+        answer follows the last of them. The request the error is about (a head that parsed, then a
+        body or a late header check that did not) never reaches an upstream, unless it is the active
+        exchange, whose body was streaming: it is failed (reset, if its response already started).
         """
         if self.closing:
             return  # already answered and closing: lingering reads and discards whatever comes
         self.parse_failed = True
         self.in_head = False
+        self.backlog = b""
         self._pause(_PAUSE_PIPELINE)
-        reading = self.reading
+        broken = self.reading
         self.reading = None
         active = self.active
-        if reading is not None and reading in self.queue:
-            self.queue.remove(reading)  # its body is broken: never dispatched
-        if active is None:
-            self._answer_and_close(error)
-        elif reading is active:
+        if broken is not None and broken is active:
             active.keep_alive = False
-            self.response_failed(active, error)
+            active.fail(error)
+            return
+        if broken is not None:
+            self.queue.remove(broken)  # never dispatched
+        if active is None and not self.queue:
+            self._answer_and_close(error, broken)
         else:
             self.deferred_error = error
+            self.deferred_exchange = broken
 
-    def _answer_and_close(self, error: ProxyError) -> None:
+    def _answer_and_close(self, error: ProxyError, exchange: Exchange | None = None) -> None:
+        """Answer a broken request stream and close; `exchange` is the request it is about, if its head
+        parsed (else one is made, so that every answer ends an exchange)."""
         if self.transport is None or self.transport.is_closing() or self.closing:
+            if exchange is not None:
+                exchange.cancel()
             return
+        if exchange is None:
+            exchange = self._unparsed_exchange()
         self.out.clear()
-        self.transport.write(error_response(error.status, error.detail, self.state.next_request_id(), close=True))
+        data = error_response(error.status, error.detail, exchange.request_id, close=True)
+        self.write(data)
+        exchange.status = error.status
+        exchange.error = error.detail
+        exchange.bytes_out += len(data)
+        exchange.finish()
         self._close()
+
+    def _unparsed_exchange(self) -> Exchange:
+        """An exchange for a request whose head did not parse (what is known of it), for the hooks."""
+        return Exchange(
+            worker=self.state,
+            downstream=self,
+            method=self.method_of() if self.url else b"",
+            target=self.url,
+            host=b"",
+            headers=[],
+            request_id=self.state.next_request_id(),
+            forward_lines=b"",
+            client=self.client_ip,
+            protocol=_HTTP11 if self.http11 else _HTTP10,
+            head_bytes=self.head_raw,
+        )
 
     def _close(self) -> None:
         """Close after what is written; linger (reading and discarding) so the client sees our answer."""
@@ -701,8 +755,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.closing = True
         self.active = None
-        self.queue.clear()
         self.reading = None
+        self.backlog = b""
+        for exchange in self.queue:
+            exchange.cancel()  # (never dispatched: a close answered what came before them)
+        self.queue.clear()
         self._resume(_PAUSE_PIPELINE | _PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM | _PAUSE_CLIENT_BEHIND)
         self.linger_deadline = self.state.now + self.settings.lingering_timeout
         if transport.can_write_eof():
@@ -714,11 +771,28 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def shutdown(self) -> None:
+        """Graceful stop (drain): answer what is in flight with `Connection: close`, take nothing new;
+        an idle connection is closed after `drain_idle_grace` (by `check`)."""
+        self.shutting_down = True
+
+    def watched_fd(self) -> int:
+        if self.read_paused and (self.active is not None or self.queue) and not self.closing:
+            return self.fd
+        return -1
+
+    def peer_closed(self, reset: bool) -> None:
+        if reset or self.settings.abort_on_half_close:
+            self.abort()  # connection_lost gives up the exchanges in flight (499)
+        else:
+            self._no_more_requests()
+
     def check(self, now: float) -> None:
         """Enforce deadlines; called by the worker tick.
 
-        Stamps and deadlines are taken from the coarse clock (`state.now`, up to one tick old), so
-        they are compared with `now` less one tick: a timeout never fires early, at most a tick late.
+        Stamps and deadlines are taken from the coarse clock (`state.now`, up to one tick old), so they
+        are compared with `now` less one tick: a timeout never fires early, and at most two ticks late
+        (the stamp's age plus the tick's period).
         """
         now -= self.state.tick_interval
         transport = self.transport
@@ -737,15 +811,18 @@ class HttpProtocol(asyncio.Protocol):
             if self.in_head and now > self.head_deadline:
                 self._protocol_error(RequestTimeout("header_timeout"))
                 return
-            if self.reading is not None and now > self.body_deadline:
-                self._protocol_error(RequestTimeout("body_timeout"))
-                return
+            if self.reading is not None:
+                if now > self.body_deadline:
+                    self._protocol_error(RequestTimeout("body_timeout"))
+                    return
+                if now > self.body_total_deadline:
+                    self._protocol_error(RequestTimeout("body_total_timeout"))
+                    return
         exchange = self.active
         if exchange is not None:
-            if now > exchange.deadline and exchange.phase != PHASE_DONE and exchange.phase != PHASE_ROUTING:
-                self._upstream_timeout(exchange)
+            exchange.expire(now)
         elif not self.in_head and not self.queue:
-            if self.state.draining:
+            if self.shutting_down:
                 limit = settings.drain_idle_grace
             elif self.requests:
                 limit = settings.keepalive_timeout
@@ -756,16 +833,6 @@ class HttpProtocol(asyncio.Protocol):
                     transport.abort()  # idle, yet the client left our last bytes unread
                 else:
                     transport.close()
-
-    def _upstream_timeout(self, exchange: Exchange) -> None:
-        phase = exchange.phase
-        if phase == PHASE_WAIT_CONNECTION:
-            error: ProxyError = ServiceUnavailable("upstream_pending_timeout")
-        elif phase == PHASE_CONNECTING:
-            error = GatewayTimeout("upstream_connect_timeout")
-        else:
-            error = GatewayTimeout("upstream_response_timeout")
-        self.response_failed(exchange, error)
 
     # ------------------------------------------------------------------ read pausing
 
@@ -784,7 +851,7 @@ class HttpProtocol(asyncio.Protocol):
             now = self.state.now
             if self.in_head:
                 self.head_deadline = now + self.settings.header_timeout
-            if self.reading is not None:
+            if self.reading is not None and self.reading.body_kind != BODY_NONE:
                 self.body_deadline = now + self.settings.body_timeout
 
     def __repr__(self) -> str:
@@ -800,7 +867,8 @@ class _StopParsing(Exception):
 
 
 def _non_origin_target(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
-    """Absolute-form (`http://h/p`) -> origin-form with its authority as host; `*` kept; others rejected."""
+    """Absolute-form (`http://h/p`) -> origin-form, its authority replacing Host (RFC 9112 3.2.2);
+    `*` kept for OPTIONS; others rejected."""
     lower = target[:8].lower()
     if lower.startswith((b"http://", b"https://")):
         rest = target[target.index(b"//") + 2 :]
@@ -810,12 +878,14 @@ def _non_origin_target(method: bytes, target: bytes, host: bytes | None) -> tupl
             if 0 <= found < end:
                 end = found
         authority, path = rest[:end], rest[end:]
-        if not authority or b"@" in authority:
+        if not authority or b"@" in authority or not valid_host(authority):
             raise BadRequest("invalid_target")
         if not path.startswith(b"/"):
             path = b"/" + path
         return path, authority
     if target == b"*" and method == b"OPTIONS":
+        if host is not None and not valid_host(host):
+            raise BadRequest("invalid_host")
         return target, host
     if method == b"CONNECT":
         raise NotImplementedByProxy("connect_not_supported")

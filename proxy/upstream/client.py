@@ -1,15 +1,17 @@
 """Upstream HTTP/1.1 client connection: sends one exchange at a time, streams the response back.
 
 Theory of operation: the pool attaches an exchange; `attach` writes the request head and any body
-already buffered in one write, then `send_body`/`end_body` stream the rest. The response is
-framed by httptools' C parser, registered without `on_header`, so no per-header Python object
-is made: at `on_headers_complete` the raw head is sliced out of the bytes received and handed to
-the downstream, which rewrites it in one regex pass. Body pieces go straight to the downstream,
-which queues them; one flush per upstream read makes one downstream write. When the response is
-complete the connection returns to its pool (if both sides allow keep-alive and the request body
-was fully sent) before the downstream is told, so a pipelined next request can reuse it at once.
-Flow control: downstream pause_writing -> `pause_response` (stop reading upstream); upstream
-pause_writing -> the downstream stops reading the request body.
+already buffered in one write, then `send_body`/`end_body` stream the rest. The response is framed
+by httptools' C parser, registered without `on_header`, so no per-header Python object is made: at
+`on_headers_complete` the raw head is sliced out of the bytes received and rewritten in one regex
+pass (framing.py). Body pieces go straight to the downstream, which queues them; one flush per
+upstream read makes one downstream write. When the response is complete the connection goes back to
+its pool (if both sides allow keep-alive and the request body was fully sent) before the downstream
+is told, so a pipelined next request can reuse it at once. While an exchange is connecting or
+waiting on this connection it is parked here: `unpark` (its timeout, or its client gone) cancels the
+connect or drops the connection. Flow control: downstream pause_writing -> `pause_response` (stop
+reading upstream, stop the response clock); upstream pause_writing -> the downstream stops reading
+the request body.
 """
 
 from __future__ import annotations
@@ -21,24 +23,14 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from proxy.errors import BadGateway, ProxyError
-from proxy.exchange import (
-    BODY_CHUNKED,
-    BODY_LENGTH,
-    BODY_NONE,
-    BODY_UNTIL_CLOSE,
-    PHASE_CONNECTING,
-    PHASE_DONE,
-    PHASE_WAIT_RESPONSE,
-    Exchange,
-)
+from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
 from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
-    from proxy.upstream.pool import Cluster, Connector, ServerPool
+    from proxy.upstream.pool import Cluster, Connector, PooledConnection, ServerPool
 
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
-_NEVER: Final = float("inf")
 
 
 def request_head(exchange: Exchange) -> list[bytes]:
@@ -61,6 +53,18 @@ def request_head(exchange: Exchange) -> list[bytes]:
     else:
         append(b"\r\n")
     return parts
+
+
+def _connect_failure(task: asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]) -> str:
+    """Why a connect task failed, for the log."""
+    if task.cancelled():
+        return "connect timeout"
+    error = task.exception()
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, OSError) and error.strerror:
+        return f"connect failed: {error.strerror.lower()}"
+    return f"connect failed: {error!r}"
 
 
 class _Unsolicited(Exception):
@@ -164,38 +168,43 @@ class UpstreamConnection(asyncio.Protocol):
         """Done-callback of the connect task: attach the pending exchange or report the failure."""
         self.connect_task = None
         exchange, self.pending = self.pending, None
+        if exchange is not None:
+            exchange.detach(self)
         now = self.state.now
         if task.cancelled() or task.exception() is not None:
             self.closed = True
-            if exchange is not None:
-                exchange.upstream = None
             self._drop_slot()
             if task.cancelled() and not self.cancel_timed_out:
                 return  # the client left: not the server's fault
-            self.cluster.connect_failed(self.server, exchange, now, timeout=task.cancelled())
+            reason = _connect_failure(task)
+            self.cluster.connect_failed(self.server, exchange, now, timeout=task.cancelled(), reason=reason)
             return
         self.cluster.connected(self.server)
         if self.closed:  # lost right after connecting
             self._drop_slot()
-            if exchange is not None and exchange.phase == PHASE_CONNECTING:
-                exchange.upstream = None
-                exchange.downstream.response_failed(exchange, BadGateway("upstream_closed"))
+            if exchange is not None:
+                self.cluster.report(self.server, "closed right after connect", now)
+                exchange.fail(BadGateway("upstream_closed"))
             return
-        if exchange is not None and exchange.phase == PHASE_CONNECTING:
+        if exchange is not None:
             self.attach(exchange)
         else:
             self.cluster.release(self.server, self, now)  # its exchange is gone: the connection is still good
 
-    def cancel_connect(self, timed_out: bool) -> None:
-        """The exchange waiting for this connect gave up: `timed_out`, or the client left."""
-        if self.pending is not None:
-            self.pending.upstream = None
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        """`exchange` gives up on this connection: its connect is cancelled, or the connection dropped."""
+        if self.pending is exchange:
             self.pending = None
-        if self.connect_task is not None:
-            self.cancel_timed_out = timed_out
-            if timed_out or self.transport is None:
-                self.connect_task.cancel()
-            # else: already connected, the done-callback pools it
+            if self.connect_task is not None:
+                self.cancel_timed_out = timed_out
+                if timed_out or self.transport is None:
+                    self.connect_task.cancel()
+                # else: already connected, the done-callback pools it
+        elif self.exchange is exchange:
+            if timed_out:
+                self.cluster.report(self.server, "response timeout", self.state.now)
+            self.exchange = None
+            self.close(abort=True)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -203,8 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        if exchange.deadline != _NEVER:
-            exchange.deadline = self.state.now + self.timeout
+        exchange.touch(self.state.now + self.timeout)
         if not self.head_done:
             self.head_buf = self.head_buf + data if self.head_buf else data
         try:
@@ -224,22 +232,23 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.head_done and len(self.head_buf) > self.max_head:
             self._fail(BadGateway("upstream_head_too_large"))  # (a whole response in one read is fine)
             return
+        downstream = exchange.downstream
         if self.complete:
             if self.delivered:
-                exchange.downstream.response_flush()
+                downstream.response_flush(exchange)
                 self._release(exchange)
-                exchange.downstream.exchange_upstream_done(exchange)
+                downstream.response_done(exchange)
             else:  # the whole response came in this read (the common case): one call writes and finishes it
                 self._deliver_whole(exchange, release=True)
         elif self.delivered:
-            exchange.downstream.response_flush()
+            downstream.response_flush(exchange)
         elif self.head_done:
             self.delivered = True
-            downstream = exchange.downstream
+            exchange.responding()
             downstream.response_head(exchange, self.status, self.head, self.body_kind)
             for part in self.parts:
-                downstream.response_body(part)
-            downstream.response_flush()
+                downstream.response_body(exchange, part)
+            downstream.response_flush(exchange)
             self.parts = []
             self.head = b""
 
@@ -270,31 +279,33 @@ class UpstreamConnection(asyncio.Protocol):
         self._drop_slot()
         if exchange is None:
             return
-        exchange.upstream = None
+        exchange.detach(self)
         downstream = exchange.downstream
         if self.head_done and self.body_kind == BODY_UNTIL_CLOSE and exc is None:
             self.complete = True  # a clean close ends a close-delimited body; a reset truncates it
-            exchange.phase = PHASE_DONE
             if self.delivered:
-                downstream.response_end()
-                downstream.response_flush()
-                downstream.exchange_upstream_done(exchange)
+                downstream.response_end(exchange)
+                downstream.response_flush(exchange)
+                downstream.response_done(exchange)
             else:
                 self._deliver_whole(exchange, release=False)
         elif not self.got_bytes and self.requests > 1 and exchange.replayable:
             self.cluster.dispatch_fresh(exchange, now)
         else:
-            downstream.response_failed(exchange, BadGateway("upstream_closed"))
+            self.cluster.report(self.server, "connection closed before the response was complete", now)
+            exchange.fail(BadGateway("upstream_closed"))
 
     def pause_writing(self) -> None:
         """Upstream socket buffer full: stop reading the request body downstream."""
-        if self.exchange is not None:
-            self.exchange.downstream.pause_reading()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.downstream.pause_reading(exchange)
 
     def resume_writing(self) -> None:
         """Upstream socket buffer drained: read the request body again."""
-        if self.exchange is not None:
-            self.exchange.downstream.resume_reading()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.downstream.resume_reading(exchange)
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -329,7 +340,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:  # bytes after a HEAD response: never forwarded, and the connection is not reused
             self.keep_alive = False
         elif self.delivered:
-            self.exchange.downstream.response_body(body)  # type: ignore[union-attr]
+            exchange = self.exchange
+            assert exchange is not None
+            exchange.downstream.response_body(exchange, body)
         else:
             self.parts.append(body)
 
@@ -339,7 +352,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = True
         self.keep_alive = self.keeps_alive()
         if self.delivered:
-            self.exchange.downstream.response_end()  # type: ignore[union-attr]
+            exchange = self.exchange
+            assert exchange is not None
+            exchange.downstream.response_end(exchange)
 
     # ------------------------------------------------------------------ requests
 
@@ -351,22 +366,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_buf = b""
         self.head_start = 0
         self.head_done = self.complete = self.got_bytes = self.delivered = False
-        exchange.upstream = self
-        exchange.server = self.server.address
-        exchange.phase = PHASE_WAIT_RESPONSE
-        exchange.deadline = self.state.now + self.timeout
+        exchange.sent(self, self.server.address, self.state.now + self.timeout)
         downstream = exchange.downstream
         if downstream.write_paused:  # the client is behind already (pipelining): do not read for it
             self.pause_response()
         if not exchange.body_done:
-            downstream.upstream_ready(exchange)  # before the write, which may pause the body again
+            downstream.body_wanted(exchange)  # before the write, which may pause the body again
         parts = request_head(exchange)
-        if exchange.pending_body:
+        body = exchange.take_body()
+        if body:
             chunked = exchange.body_kind == BODY_CHUNKED
-            for piece in exchange.pending_body:
+            for piece in body:
                 parts.append(chunk(piece) if chunked else piece)
-            exchange.pending_body = None
-            exchange.pending_bytes = 0
         if exchange.body_done and exchange.body_kind == BODY_CHUNKED:
             parts.append(LAST_CHUNK)
         self.write(b"".join(parts))
@@ -376,8 +387,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None or self.transport is None or self.closed:
             return
-        if exchange.deadline != _NEVER:
-            exchange.deadline = self.state.now + self.timeout
+        exchange.touch(self.state.now + self.timeout)
         self.transport.write(chunk(data) if exchange.body_kind == BODY_CHUNKED else data)
 
     def end_body(self) -> None:
@@ -394,23 +404,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = True
             self.transport.pause_reading()
         if self.exchange is not None:
-            self.exchange.deadline = _NEVER
+            self.exchange.hold()
 
     def resume_response(self) -> None:
         if self.transport is not None and not self.closed and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
         if self.exchange is not None:
-            self.exchange.deadline = self.state.now + self.timeout
-
-    def abort_exchange(self) -> None:
-        """The downstream gave up on the exchange (timeout, client gone): drop the connection."""
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.upstream = None
-            exchange.phase = PHASE_DONE
-            self.exchange = None
-        self.close(abort=True)
+            self.exchange.release_hold(self.state.now + self.timeout)
 
     def close(self, abort: bool = False) -> None:
         if self.transport is not None and not self.closed:
@@ -432,8 +433,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is over on this connection: back to the pool (first, so that a pipelined next
         request can take it at once) or closed."""
         self.exchange = None
-        exchange.upstream = None
-        exchange.phase = PHASE_DONE
+        exchange.detach(self)
         if self.reset_parser:
             self.parser = httptools.HttpResponseParser(self)
             self.feed = self.parser.feed_data
@@ -444,11 +444,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self.keep_alive and exchange.body_done and not self.closed:
-            if self.cluster.waiters:
-                self.cluster.release(self.server, self, self.state.now)
-            else:  # the common case, inlined: back to the idle stack
-                self.idle_since = self.state.now
-                self.server.idle.append(self)
+            self.cluster.release(self.server, self, self.state.now)
         else:
             self.close()
 
@@ -456,9 +452,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         self.exchange = None
         self.close(abort=True)
+        self.cluster.report(self.server, f"invalid response ({error.detail})", self.state.now)
         if exchange is not None:
-            exchange.upstream = None
-            exchange.downstream.response_failed(exchange, error)
+            exchange.detach(self)
+            exchange.fail(error)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("busy" if self.exchange else "idle")
@@ -474,13 +471,13 @@ def make_connector(state: WorkerState) -> Connector:
     loop = state.loop
     rewriter = ResponseHeadRewriter(drop=(state.config.server.request_id_header.encode(),))
 
-    def connect(server: ServerPool, exchange: Exchange) -> None:
+    def connect(server: ServerPool, exchange: Exchange) -> PooledConnection:
         conn = UpstreamConnection(server.cluster, server, state, rewriter)
         conn.pending = exchange
-        exchange.upstream = conn
         address = server.address
         task = loop.create_task(loop.create_connection(lambda: conn, address.host, address.port))
         conn.connect_task = task
         task.add_done_callback(conn.connect_done)
+        return conn
 
     return connect

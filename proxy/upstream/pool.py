@@ -1,28 +1,35 @@
 """Per-worker keep-alive pools: one `ServerPool` per upstream server, grouped in a `Cluster`.
 
-Theory of operation: a cluster picks servers round robin, skipping ejected ones. A server hands
-out its most recently used idle connection (LIFO keeps few sockets warm); when it has none and is
-below `max_connections` it asks the injected connector to open one for the exchange. When every
-server is at its limit the exchange waits in a bounded FIFO (`max_pending`); a released
-connection goes to the first live waiter before it goes idle. The downstream's periodic timeout
-check answers 503 for waiters past `pending_timeout` and `sweep` closes idle connections past
-`idle_timeout`. `max_fails` consecutive connect failures eject a server for `fail_cooldown`.
+Theory of operation: a cluster picks servers round robin, skipping ejected ones. A server hands out
+its most recently used idle connection (LIFO keeps few sockets warm); when it has none and is below
+`max_connections` it asks the injected connector to open one for the exchange. When every server is
+at its limit the exchange waits in a bounded FIFO (`max_pending`), parked on the cluster (a timeout
+or a client that goes away takes it out through `unpark`); a released connection goes to the first
+live waiter before it goes idle. `sweep` (a worker tick subscriber) closes idle connections past
+`idle_timeout`. `max_fails` consecutive connect failures eject a server for `fail_cooldown`, except
+the last healthy one: like NGINX, an upstream never has all its servers marked down, so a server that
+comes back is used at once. Failures are logged, at most once per server, reason and `LOG_INTERVAL`.
 This module does bookkeeping only; connections are opened by `connector` and talk back through
-`release`, `discard` and `connect_failed`.
+`release`, `discard`, `connected` and `connect_failed`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.config import Address, UpstreamConfig
 from proxy.errors import GatewayTimeout, ServiceUnavailable
-from proxy.exchange import PHASE_CONNECTING, PHASE_DONE, PHASE_WAIT_CONNECTION, Exchange
+from proxy.exchange import PHASE_CONNECTING, PHASE_WAIT_CONNECTION, Exchange
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+log = logging.getLogger("uvgate.upstream")
+
+LOG_INTERVAL: Final = 10.0  # seconds between two log lines about one server and one reason
 
 
 class PooledConnection(Protocol):
@@ -40,14 +47,18 @@ class PooledConnection(Protocol):
     def close(self) -> None:
         """Close the connection (it reports back through `discard`)."""
 
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        """`exchange` gives up on this connection (timed out, or its client left)."""
 
-Connector = Callable[["ServerPool", Exchange], None]
+
+Connector = Callable[["ServerPool", Exchange], PooledConnection]
+"""Opens a connection to a server for an exchange; it calls `connect_failed` or attaches the exchange."""
 
 
 class ServerPool:
     """Connections of this worker to one upstream server."""
 
-    __slots__ = ("address", "cluster", "ejected_until", "fails", "idle", "open")
+    __slots__ = ("address", "cluster", "ejected_until", "fails", "idle", "logged", "open")
 
     def __init__(self, cluster: Cluster, address: Address) -> None:
         self.cluster = cluster
@@ -56,6 +67,7 @@ class ServerPool:
         self.open = 0  # connecting + busy + idle
         self.fails = 0  # consecutive connect failures
         self.ejected_until = 0.0
+        self.logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged at, failures not logged since)
 
     def checkout(self, now: float) -> PooledConnection | None:
         """The most recently used live idle connection, or None."""
@@ -88,34 +100,20 @@ class Cluster:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, exchange: Exchange, now: float) -> None:
-        """Give `exchange` a connection now, open one, queue it, or fail it with 503."""
+        """Give `exchange` a connection now, open one, queue it, or answer it 503."""
         servers = self.servers
-        count = len(servers)
-        if count == 1:  # the common case: no rotation
+        if len(servers) == 1:  # the common case: no rotation
             server = servers[0]
-            if server.ejected_until <= now:
-                idle = server.idle
-                if idle:
-                    top = idle.pop()
-                    if top.usable and now - top.idle_since < self.config.idle_timeout:
-                        top.attach(exchange)
-                        return
-                    top.close()
-                if self._try_server(server, exchange, now):
-                    return
+            if server.ejected_until <= now and self._try_server(server, exchange, now):
+                return
         else:
             for server in self._rotation(now):
                 if self._try_server(server, exchange, now):
                     return
-        if not any(server.ejected_until <= now for server in servers):
-            exchange.downstream.response_failed(exchange, ServiceUnavailable("no_healthy_upstream"))
-            return
         if len(self.waiters) >= self.config.max_pending:
-            exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_overflow"))
+            exchange.fail(ServiceUnavailable("upstream_overflow"))
             return
-        exchange.phase = PHASE_WAIT_CONNECTION
-        exchange.deadline = now + self.config.pending_timeout
-        exchange.waiting_on = self
+        exchange.wait_connection(self, now + self.config.pending_timeout)
         self.waiters.append(exchange)
 
     def dispatch_fresh(self, exchange: Exchange, now: float) -> None:
@@ -148,18 +146,25 @@ class Cluster:
 
     def _connect(self, server: ServerPool, exchange: Exchange, now: float) -> None:
         server.open += 1
-        exchange.attempts += 1
-        exchange.phase = PHASE_CONNECTING
-        exchange.deadline = now + self.config.connect_timeout
-        self.connector(server, exchange)
+        conn = self.connector(server, exchange)
+        exchange.connecting(conn, server.address, now + self.config.connect_timeout)
+
+    # ------------------------------------------------------------------ parking (exchange.py)
+
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        """A waiter left the queue (timeout or client gone): it no longer counts against max_pending."""
+        try:
+            self.waiters.remove(exchange)
+        except ValueError:
+            pass
 
     # ------------------------------------------------------------------ connection lifecycle
 
     def release(self, server: ServerPool, conn: PooledConnection, now: float) -> None:
-        """A connection finished a response and can be reused."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.waiting_on = None
+        """A connection finished a response and can be reused: the first waiter takes it, else it idles."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
             if waiter.phase == PHASE_WAIT_CONNECTION:
                 conn.attach(waiter)
                 return
@@ -180,58 +185,70 @@ class Cluster:
         server.fails = 0
         server.ejected_until = 0.0
 
-    def connect_failed(self, server: ServerPool, exchange: Exchange | None, now: float, timeout: bool) -> None:
+    def connect_failed(
+        self, server: ServerPool, exchange: Exchange | None, now: float, *, timeout: bool, reason: str
+    ) -> None:
         """A connect attempt failed (its slot is already given back through `discard`): count it, maybe
         eject the server, and move the exchange on to another server (each server tried once)."""
+        self.report(server, reason, now)
         server.fails += 1
         if server.fails >= self.config.max_fails:
-            server.ejected_until = now + self.config.fail_cooldown
             server.fails = 0
+            if self._others_healthy(server, now):
+                server.ejected_until = now + self.config.fail_cooldown
+                log.warning(
+                    "upstream %s: server %s ejected for %.0fs after %d failed connects",
+                    self.name,
+                    server.address,
+                    self.config.fail_cooldown,
+                    self.config.max_fails,
+                )
         if exchange is not None and exchange.phase == PHASE_CONNECTING:
             if timeout:
-                exchange.downstream.response_failed(exchange, GatewayTimeout("upstream_connect_timeout"))
+                exchange.fail(GatewayTimeout("upstream_connect_timeout"))
             else:
                 self._retry_connect(server, exchange, now)
         self._serve_waiter(now)
 
+    def _others_healthy(self, server: ServerPool, now: float) -> bool:
+        return any(other is not server and other.ejected_until <= now for other in self.servers)
+
     def _retry_connect(self, failed: ServerPool, exchange: Exchange, now: float) -> None:
-        if exchange.attempts >= len(self.servers):
-            exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
-            return
-        for server in self._rotation(now):
-            if server is not failed and self._try_server(server, exchange, now):
-                return
-        exchange.downstream.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
+        if exchange.attempts < len(self.servers):
+            for server in self._rotation(now):
+                if server is not failed and self._try_server(server, exchange, now):
+                    return
+        exchange.fail(ServiceUnavailable("upstream_connect_failed"))
 
     def _serve_waiter(self, now: float) -> None:
-        while self.waiters:
-            waiter = self.waiters[0]
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
             if waiter.phase != PHASE_WAIT_CONNECTION:
-                self.waiters.popleft()
-                waiter.waiting_on = None
                 continue
-            self.waiters.popleft()
-            waiter.waiting_on = None
             for server in self._rotation(now):
                 if self._try_server(server, waiter, now):
                     return
-            self.waiters.appendleft(waiter)  # still no room anywhere: it keeps its place
-            waiter.waiting_on = self
+            waiters.appendleft(waiter)  # still no room anywhere: it keeps its place
             return
 
-    def cancel_waiter(self, exchange: Exchange) -> None:
-        """The exchange left the queue (timeout or client gone): it no longer counts against max_pending."""
-        exchange.phase = PHASE_DONE
-        exchange.waiting_on = None
-        try:
-            self.waiters.remove(exchange)
-        except ValueError:
-            pass
+    # ------------------------------------------------------------------ failures
+
+    def report(self, server: ServerPool, reason: str, now: float) -> None:
+        """Log an upstream failure: the first of a kind at once, then one line per `LOG_INTERVAL` with the
+        count of those not logged."""
+        last, quiet = server.logged.get(reason, (-LOG_INTERVAL, 0))
+        if now - last < LOG_INTERVAL:
+            server.logged[reason] = (last, quiet + 1)
+            return
+        server.logged[reason] = (now, 0)
+        more = f" ({quiet} more since the last report)" if quiet else ""
+        log.warning("upstream %s server %s: %s%s", self.name, server.address, reason, more)
 
     # ------------------------------------------------------------------ housekeeping
 
     def sweep(self, now: float) -> None:
-        """Close idle connections past `idle_timeout`; oldest are at the left end."""
+        """Close idle connections past `idle_timeout` (a tick subscriber); oldest are at the left end."""
         limit = self.config.idle_timeout
         for server in self.servers:
             idle = server.idle

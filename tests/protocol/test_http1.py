@@ -36,11 +36,20 @@ def respond(protocol: HttpProtocol, exchange: Exchange, body: bytes = b"ok", hea
     """Play the upstream side of one response."""
     head = head or b"HTTP/1.1 200 OK\r\ncontent-length: %d" % len(body)
     protocol.response_head(exchange, 200, head, BODY_LENGTH)
-    protocol.response_body(body)
-    protocol.response_end()
-    protocol.response_flush()
-    exchange.phase = PHASE_DONE
-    protocol.exchange_upstream_done(exchange)
+    protocol.response_body(exchange, body)
+    protocol.response_end(exchange)
+    protocol.response_flush(exchange)
+    protocol.response_done(exchange)
+
+
+class Parked:
+    """Something an exchange waits on (a cluster queue, say), recording why it was let go."""
+
+    def __init__(self) -> None:
+        self.unparked: list[bool] = []
+
+    def unpark(self, exchange: Exchange, timed_out: bool) -> None:
+        self.unparked.append(timed_out)
 
 
 def parse_status(raw: bytes) -> int:
@@ -202,10 +211,10 @@ def test_chunked_upstream_to_http10_client_is_close_delimited() -> None:
     protocol.data_received(b"GET / HTTP/1.0\r\n\r\n")
     exchange = gateway.exchanges[0]
     protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK", BODY_CHUNKED)
-    protocol.response_body(b"abc")
-    protocol.response_end()
-    protocol.response_flush()
-    protocol.exchange_upstream_done(exchange)
+    protocol.response_body(exchange, b"abc")
+    protocol.response_end(exchange)
+    protocol.response_flush(exchange)
+    protocol.response_done(exchange)
     out = transport.take()
     assert out.endswith(b"\r\n\r\nabc")
     assert b"transfer-encoding" not in out.lower()
@@ -217,30 +226,30 @@ def test_chunked_response_rechunked_for_http11() -> None:
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
     protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\nX-A: b", BODY_CHUNKED)
-    protocol.response_body(b"hello")
-    protocol.response_end()
-    protocol.response_flush()
+    protocol.response_body(exchange, b"hello")
+    protocol.response_end(exchange)
+    protocol.response_flush(exchange)
     out = transport.take()
     assert out.lower().count(b"transfer-encoding: chunked") == 1
     assert out.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
 
 
-def test_expect_100_continue_sent_when_upstream_ready() -> None:
+def test_expect_100_continue_sent_when_body_wanted() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
     exchange = gateway.exchanges[0]
     assert not transport.buffer
-    protocol.upstream_ready(exchange)
+    protocol.body_wanted(exchange)
     assert transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert b"expect" not in b"".join(request_head(exchange)).lower()
 
 
 def test_body_before_upstream_is_buffered_with_backpressure() -> None:
-    protocol, transport, gateway, _ = connect(max_body_bytes="1MiB", write_buffer_limit="4KiB")
+    protocol, transport, gateway, _ = connect(max_body_bytes="1MiB", write_buffer_limit="4KiB", body_buffer_size="1KiB")
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10000\r\n\r\n" + b"a" * 5000)
     exchange = gateway.exchanges[0]
     assert exchange.pending_bytes == 5000 and transport.read_paused
-    protocol.upstream_ready(exchange)
+    protocol.body_wanted(exchange)
     assert not transport.read_paused
 
 
@@ -248,7 +257,7 @@ def test_gateway_failure_answers_json_and_keeps_alive() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
-    protocol.response_failed(exchange, ServiceUnavailable("no_healthy_upstream"))
+    exchange.fail(ServiceUnavailable("no_healthy_upstream"))
     out = transport.take()
     assert parse_status(out) == 503
     body = orjson.loads(out.partition(b"\r\n\r\n")[2])
@@ -261,9 +270,9 @@ def test_failure_after_response_started_aborts() -> None:
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
     protocol.response_head(exchange, 200, b"HTTP/1.1 200 OK\r\ncontent-length: 10", BODY_LENGTH)
-    protocol.response_flush()
-    protocol.response_failed(exchange, ProxyError("boom"))
-    assert transport.aborted
+    protocol.response_flush(exchange)
+    exchange.fail(ProxyError("boom"))
+    assert transport.aborted and exchange.phase == PHASE_DONE
 
 
 def test_timeouts() -> None:
@@ -285,26 +294,39 @@ def test_timeouts() -> None:
     protocol, transport, gateway, state = connect()
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     exchange = gateway.exchanges[0]
-    exchange.phase, exchange.deadline = PHASE_WAIT_CONNECTION, state.now + 1
+    queue = Parked()
+    exchange.wait_connection(queue, state.now + 1)
+    assert exchange.phase == PHASE_WAIT_CONNECTION
+    protocol.check(state.now + 1)  # (the coarse clock's tick of slack: not yet)
+    assert not transport.buffer
     protocol.check(state.now + 2)
     assert parse_status(transport.take()) == 503
-    assert exchange.phase == PHASE_DONE
+    assert exchange.phase == PHASE_DONE and queue.unparked == [True]
 
 
-def test_idle_connection_closed_quickly_while_draining() -> None:
+def test_shutdown_closes_after_the_response_in_flight_and_idle_connections_after_the_grace() -> None:
     protocol, transport, gateway, state = connect(drain_idle_grace="1s")
     protocol.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    state.draining = True
+    protocol.shutdown()  # the worker drains
     respond(protocol, gateway.exchanges[0])
     assert b"\r\nconnection: close\r\n" in transport.take()
     assert transport.closing
+
+    idle, idle_transport, idle_gateway, state = connect(drain_idle_grace="1s", keepalive_timeout="60s")
+    idle.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    respond(idle, idle_gateway.exchanges[0])
+    idle.shutdown()
+    idle.check(state.now + 0.5)
+    assert not idle_transport.closing, "a request may be on its way: the grace lets it arrive"
+    idle.check(state.now + 2.5)
+    assert idle_transport.closing
 
 
 def test_client_that_reads_nothing_is_not_read_from() -> None:
     """Answers the proxy makes itself (404s here) must not pile up for a client that never reads them."""
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
-    protocol.response_failed(gateway.exchanges[0], ServiceUnavailable("x"))
+    gateway.exchanges[0].fail(ServiceUnavailable("x"))
     protocol.pause_writing()  # the transport's buffer went over the high-water mark
     assert transport.read_paused
     protocol.resume_writing()

@@ -17,7 +17,7 @@ import pytest
 from devstack.rawhttp import RawResponse, parse_response
 from proxy.config import Address, UpstreamConfig, build
 from proxy.errors import NotFound, ServiceUnavailable
-from proxy.exchange import BODY_LENGTH, BODY_NONE, PHASE_DONE, PHASE_WAIT_CONNECTION, PHASE_WAIT_RESPONSE, Exchange
+from proxy.exchange import BODY_LENGTH, PHASE_WAIT_RESPONSE, Exchange
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
 from proxy.http1.protocol import Http1Settings, HttpProtocol
@@ -26,7 +26,7 @@ from proxy.upstream.client import UpstreamConnection, request_head
 from proxy.upstream.pool import Cluster, ServerPool
 
 # ---------------------------------------------------------------------------------------------- fakes
-from tests.fakes import FakeConn, FakeDownstream, MockLoop, MockTransport, RecordingGateway
+from tests.fakes import FakeConn, FakeDownstream, MockLoop, MockTransport, RecordingGateway, make_exchange
 
 
 class UvloopLikeTransport(MockTransport):
@@ -57,10 +57,17 @@ class CrossingTransport(MockTransport):
 
 
 class NotFoundGateway:
-    """Answers every request at once, inside the parser callback (like a route miss)."""
+    """Answers every request at once, when it is dispatched (like a route miss)."""
 
     def handle(self, exchange: Exchange) -> None:
-        exchange.downstream.response_failed(exchange, NotFound("no_route"))
+        exchange.start()
+        exchange.fail(NotFound("no_route"))
+
+    def resume(self, exchange: Exchange) -> None:
+        raise AssertionError("nothing suspends here")
+
+    def forward(self, exchange: Exchange) -> None:
+        raise AssertionError("nothing buffers here")
 
 
 class UpTransport:
@@ -164,16 +171,15 @@ class Proxied:
         self.state = WorkerState(MockLoop(), self.config)  # type: ignore[arg-type]
         self.conns: list[UpstreamConnection] = []
         self.cluster = Cluster(self.config.upstreams["b"], self._connector)
-        self.state.clusters = {"b": self.cluster}
-        self.state.gateway = Gateway(self.config, self.state, self.state.clusters)
+        self.state.gateway = Gateway(self.config, self.state, {"b": self.cluster})
         self.settings = Http1Settings(self.state)
 
-    def _connector(self, server: ServerPool, exchange: Exchange) -> None:
+    def _connector(self, server: ServerPool, exchange: Exchange) -> UpstreamConnection:
         conn = UpstreamConnection(server.cluster, server, self.state, ResponseHeadRewriter())
         conn.pending = exchange
         conn.connect_task = cast(Any, FakeConnectTask())
-        exchange.upstream = conn
         self.conns.append(conn)
+        return conn
 
     def client(self, transport: MockTransport | None = None) -> tuple[HttpProtocol, MockTransport]:
         protocol = HttpProtocol(self.state, self.settings)
@@ -196,11 +202,10 @@ def respond(protocol: HttpProtocol, exchange: Exchange, body: bytes = b"ok") -> 
     """Play the upstream side of one response."""
     head = b"HTTP/1.1 200 OK\r\ncontent-length: %d" % len(body)
     protocol.response_head(exchange, 200, head, BODY_LENGTH)
-    protocol.response_body(body)
-    protocol.response_end()
-    protocol.response_flush()
-    exchange.phase = PHASE_DONE
-    protocol.exchange_upstream_done(exchange)
+    protocol.response_body(exchange, body)
+    protocol.response_end(exchange)
+    protocol.response_flush(exchange)
+    protocol.response_done(exchange)
 
 
 def responses(raw: bytes) -> list[RawResponse]:
@@ -279,7 +284,7 @@ def test_waiter_handed_a_connection_after_a_whole_response_gets_a_whole_response
 
 def test_attach_keeps_upstream_backpressure_on_the_request_body() -> None:
     """Bug 6: attach() wrote the buffered body (upstream pause_writing) and then cleared that pause."""
-    worker = Proxied(server={"write_buffer_limit": "16KiB", "max_body_bytes": "64MiB"})
+    worker = Proxied(server={"write_buffer_limit": "16KiB", "max_body_bytes": "64MiB", "body_buffer_size": "16KiB"})
     client, transport = worker.client()
     client.data_received(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (32 << 20) + b"a" * 40000)
     assert transport.paused(), "a body buffered beyond the write limit pauses reading"
@@ -302,12 +307,16 @@ def test_attach_keeps_upstream_backpressure_on_the_request_body() -> None:
 
 def test_body_buffer_pause_ends_with_an_exchange_answered_early() -> None:
     """Bug 7a: a request body buffered while waiting for a connection, then answered 503: reading stayed paused."""
-    client, transport, gateway, _ = connect(max_body_bytes="1MiB", write_buffer_limit="4KiB")
+    client, transport, gateway, state = connect(
+        max_body_bytes="1MiB", write_buffer_limit="4KiB", body_buffer_size="1KiB"
+    )
     client.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
     (exchange,) = gateway.exchanges
     assert transport.paused()
-    exchange.phase = PHASE_WAIT_CONNECTION
-    client.response_failed(exchange, ServiceUnavailable("upstream_pending_timeout"))
+    queue = FakeConn("a cluster queue")
+    exchange.wait_connection(queue, state.now + 5)
+    exchange.fail(ServiceUnavailable("upstream_pending_timeout"))
+    assert queue.unparked == [(exchange, False)]
     assert statuses(transport.take()) == [503]
     assert not transport.closing
     assert not transport.paused(), "the rest of the body and the next request must be read"
@@ -320,8 +329,10 @@ def test_upstream_pause_ends_with_an_exchange_answered_early() -> None:
     client, transport, gateway, _ = connect(max_body_bytes="1MiB")
     client.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
     (exchange,) = gateway.exchanges
-    exchange.phase = PHASE_WAIT_RESPONSE
-    client.pause_reading()  # the upstream's write buffer is full
+    conn = FakeConn("upstream")
+    conn.attach(exchange)
+    assert exchange.phase == PHASE_WAIT_RESPONSE
+    client.pause_reading(exchange)  # the upstream's write buffer is full
     assert transport.paused()
     respond(client, exchange, b"nope")  # answered before the body was sent (e.g. 413), connection kept
     assert not transport.closing
@@ -436,18 +447,18 @@ def test_retry_after_connect_failure_uses_an_idle_connection_of_another_server()
     config = UpstreamConfig(
         name="b", servers=(Address("127.0.0.1", 9000), Address("127.0.0.1", 9001)), max_connections=2
     )
-    cluster = Cluster(config, lambda server, ex: connects.append((server, ex)))
+    cluster = Cluster(config, lambda server, ex: connects.append((server, ex)) or FakeConn("connecting"))
     a, b = cluster.servers
     idle = [FakeConn("b1"), FakeConn("b2")]
     for conn in idle:  # B's whole budget is idle keep-alive connections
         b.open += 1
         cluster.release(b, conn, now=0.0)
     down = FakeDownstream()
-    exchange = Exchange(down, b"GET", b"/", b"h", [], b"id", b"", BODY_NONE, -1)  # type: ignore[arg-type]
+    exchange = make_exchange(down)
     cluster._rr = 0  # round robin: A first
     cluster.dispatch(exchange, now=1.0)
     assert connects == [(a, exchange)]
-    cluster.connect_failed(a, exchange, now=1.5, timeout=False)  # A refuses the connection
+    cluster.connect_failed(a, exchange, now=1.5, timeout=False, reason="connection refused")  # A refuses
     assert not down.failures, [f.detail for f in down.failures]
     assert idle[1].attached == [exchange] and exchange.phase == PHASE_WAIT_RESPONSE
     assert len(connects) == 1
@@ -477,7 +488,7 @@ def test_http10_keep_alive_error_response_says_keep_alive() -> None:
     client, transport, gateway, _ = connect()
     client.data_received(b"GET / HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n")
     (exchange,) = gateway.exchanges
-    client.response_failed(exchange, ServiceUnavailable("upstream_connect_failed"))
+    exchange.fail(ServiceUnavailable("upstream_connect_failed"))
     out = transport.take()
     assert statuses(out) == [503]
     assert b"\r\nconnection: keep-alive\r\n" in out.lower(), out

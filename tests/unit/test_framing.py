@@ -4,13 +4,8 @@ import orjson
 import pytest
 
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
-from proxy.http1.framing import (
-    ResponseHeadRewriter,
-    chunk,
-    connection_tokens,
-    error_response,
-    valid_request_id,
-)
+from proxy.forwarding import connection_tokens, valid_request_id
+from proxy.http1.framing import ResponseHeadRewriter, chunk, error_response
 from proxy.routing import Router, host_without_port
 
 
@@ -90,7 +85,9 @@ def test_router_longest_prefix_and_hosts() -> None:
     assert router.match(b"other", b"/api/v1") == "api"
     assert router.match(b"other", b"/apix") == "root"
     assert router.match(b"EXAMPLE.com:8080", b"/api/v1") == "host-api"
-    assert router.match(b"example.com", b"/api/v2/x") == "v2"  # longer hostless prefix still wins
+    # A host's routes win over hostless ones, whatever their length (a virtual host, as in NGINX, Envoy and
+    # Kong); the hostless routes are the fallback when none of the host's routes matches.
+    assert router.match(b"example.com", b"/api/v2/x") == "host-api"
     assert router.match(b"example.com", b"/other") == "root"
     assert Router([(None, "/api/", "api")]).match(b"h", b"/nope") is None
 

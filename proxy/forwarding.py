@@ -1,0 +1,218 @@
+"""What the proxy adds to and strips from a request on its way upstream, independent of the downstream protocol.
+
+Pure functions of (method, target, host, header pairs, client address, scheme): an HTTP/1.1 connection,
+an HTTP/2 stream or a TLS connection hand the same inputs here and get the same upstream request.
+`scan_headers` sorts a request's header pairs into the ones forwarded as they are and the ones the
+proxy handles itself (framing, hop-by-hop, forwarding, request id); `forward_lines` encodes the
+header lines the proxy adds. The upstream side is always HTTP/1.1, so the additions are pre-encoded
+once per request as HTTP/1.1 header lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Final
+
+from proxy.errors import BadRequest
+
+# Headers that describe one connection, never forwarded in either direction (RFC 9110 7.6.1, plus the
+# de-facto ones). The one list of the project: the HTTP/1.1 shell, the response rewriter and the
+# config check derive theirs from it.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Headers that frame a message: never removed because a `Connection` header nominates them (a
+# response that lost its Content-Length could not be delimited by the client).
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+# Headers the proxy sets itself on every forwarded request; client copies are dropped or rewritten.
+FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
+
+# How `scan_headers` treats a request header (by lower-cased name); anything else is forwarded as is.
+KIND_FORWARD: Final = 0
+KIND_HOST: Final = 1
+KIND_LENGTH: Final = 2
+KIND_TE: Final = 3
+KIND_CONNECTION: Final = 4
+KIND_HOP: Final = 5  # hop-by-hop: dropped
+KIND_EXPECT: Final = 6
+KIND_XFF: Final = 7  # appended to
+KIND_DROP: Final = 8  # set by the proxy: the client's copy is dropped
+KIND_REQUEST_ID: Final = 9
+KIND_UPGRADE: Final = 10
+
+
+def header_kinds(request_id_header: bytes) -> dict[bytes, int]:
+    """The classification table for `scan_headers`, for the configured request-id header name."""
+    kinds = dict.fromkeys(HOP_BY_HOP, KIND_HOP)
+    kinds.update(
+        {
+            b"host": KIND_HOST,
+            b"content-length": KIND_LENGTH,
+            b"transfer-encoding": KIND_TE,
+            b"connection": KIND_CONNECTION,
+            b"upgrade": KIND_UPGRADE,
+            b"expect": KIND_EXPECT,
+            b"x-forwarded-for": KIND_XFF,
+            b"x-forwarded-proto": KIND_DROP,
+            b"x-forwarded-host": KIND_DROP,
+            request_id_header.lower(): KIND_REQUEST_ID,
+        }
+    )
+    return kinds
+
+
+class HeadScan:
+    """The header pairs of one request, sorted by `scan_headers` (reused from request to request)."""
+
+    __slots__ = ("connection", "expect", "forward", "host", "length", "request_id", "te", "upgrade", "xff")
+
+    def __init__(self) -> None:
+        self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
+        self.host: bytes | None = None
+        self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
+        self.te: bytes | None = None  # Transfer-Encoding values, joined with ", "
+        self.connection: bytes | None = None  # Connection values, joined with ","
+        self.expect: bytes | None = None
+        self.xff: bytes | None = None  # X-Forwarded-For values, joined with ", "
+        self.request_id: bytes | None = None  # the first one
+        self.upgrade = False
+
+
+def scan_headers(kinds: dict[bytes, int], pairs: list[tuple[bytes, bytes]], into: HeadScan) -> None:
+    """Sort `pairs` (name, value as received) into `into`. Raises BadRequest for a second Host.
+
+    Values the proxy interprets are trimmed of surrounding whitespace (optional whitespace is not part
+    of a field value); forwarded values are passed on as received.
+    """
+    forward: list[tuple[bytes, bytes]] = []
+    into.forward = forward
+    into.host = into.length = into.te = into.connection = into.expect = into.xff = into.request_id = None
+    into.upgrade = False
+    for pair in pairs:
+        kind = kinds.get(pair[0].lower(), KIND_FORWARD)
+        if kind == KIND_FORWARD:
+            forward.append(pair)
+            continue
+        value = pair[1].strip(b" \t")
+        if kind == KIND_HOST:
+            if into.host is not None:
+                raise BadRequest("duplicate_host")
+            into.host = value
+        elif kind == KIND_LENGTH:
+            into.length = value
+        elif kind == KIND_TE:
+            into.te = value if into.te is None else into.te + b", " + value
+        elif kind == KIND_CONNECTION:
+            into.connection = value if into.connection is None else into.connection + b"," + value
+        elif kind == KIND_XFF:
+            into.xff = value if into.xff is None else into.xff + b", " + value
+        elif kind == KIND_REQUEST_ID:
+            if into.request_id is None:
+                into.request_id = value
+        elif kind == KIND_EXPECT:
+            into.expect = value
+        elif kind == KIND_UPGRADE:
+            into.upgrade = True
+        # KIND_HOP, KIND_DROP: not forwarded
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """Lower-cased tokens of a Connection header value."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def nominated(connection: bytes | None) -> frozenset[bytes]:
+    """Headers a `Connection` value makes hop-by-hop, to remove before forwarding.
+
+    `close` and `keep-alive` are options, not header names; framing headers are never removed this way.
+    """
+    if connection is None:
+        return frozenset()
+    return frozenset(connection_tokens(connection) - FRAMING - {b"close", b"keep-alive"})
+
+
+def strip_nominated(headers: list[tuple[bytes, bytes]], connection: bytes | None) -> list[tuple[bytes, bytes]]:
+    """`headers` without those the `Connection` value nominates."""
+    names = nominated(connection)
+    if not names:
+        return headers
+    return [pair for pair in headers if pair[0].lower() not in names]
+
+
+# RFC 3986 authority as RFC 9112 3.2 allows it in Host: reg-name (unreserved, pct-encoded, sub-delims),
+# IPv4 or an IP literal in brackets, then an optional port. No userinfo, no whitespace, no '/'.
+_HOST: Final = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
+)
+
+
+def valid_host(host: bytes) -> bool:
+    """`host` is a syntactically valid Host value (may be empty, RFC 9112 3.2)."""
+    return _HOST.fullmatch(host) is not None
+
+
+_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+def valid_request_id(value: bytes) -> bool:
+    """A client-supplied request id we are willing to forward and echo (visible ASCII, bounded)."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+def upstream_headers(
+    policy: ForwardPolicy, scan: HeadScan, *, host: bytes, client: bytes, scheme: bytes, new_id: Callable[[], bytes]
+) -> tuple[list[tuple[bytes, bytes]], bytes, bytes]:
+    """What goes upstream for a scanned request, whatever protocol it came in on: (the headers to forward
+    as they are, the request id, the header lines the proxy adds). `new_id()` makes a request id when the
+    client sent no valid one."""
+    headers = scan.forward if scan.connection is None else strip_nominated(scan.forward, scan.connection)
+    request_id = scan.request_id
+    if request_id is None or not valid_request_id(request_id):
+        request_id = new_id()
+    lines = policy.forward_lines(client=client, scheme=scheme, host=host, xff=scan.xff, request_id=request_id)
+    return headers, request_id, lines
+
+
+class ForwardPolicy:
+    """The per-worker constants of what the proxy adds to forwarded requests (from the config, once)."""
+
+    __slots__ = ("kinds", "request_id_line", "via_line")
+
+    def __init__(self, request_id_header: str, via: str) -> None:
+        name = request_id_header.lower().encode()
+        self.kinds = header_kinds(name)
+        self.request_id_line = b"%s: " % name
+        self.via_line = b"via: %s\r\n" % via.encode() if via else b""
+
+    def forward_lines(
+        self, *, client: bytes, scheme: bytes, host: bytes, xff: bytes | None, request_id: bytes
+    ) -> bytes:
+        """The header lines the proxy adds to an upstream request (HTTP/1.1 encoding, each ending CRLF):
+        X-Forwarded-For (appended to the client's), X-Forwarded-Proto (the real scheme),
+        X-Forwarded-Host, Via (when configured) and the request id."""
+        return b"".join(
+            (
+                b"x-forwarded-for: ",
+                client if xff is None else b"%s, %s" % (xff, client),
+                b"\r\nx-forwarded-proto: ",
+                scheme,
+                b"\r\nx-forwarded-host: ",
+                host,
+                b"\r\n",
+                self.via_line,
+                self.request_id_line,
+                request_id,
+                b"\r\n",
+            )
+        )
