@@ -89,6 +89,10 @@ _TIMEOUTS: Final[tuple[ProxyError | None, ...]] = (
     None,
 )
 assert len(PHASE_NAMES) == len(TRANSITIONS) == len(_TIMEOUTS) == PHASE_COUNT, "every phase needs every table"
+# The same tables as lists: compiled code indexes a list in place, where it would rebuild a Final tuple
+# of ints as a Python tuple on every variable index.
+_NEXT: Final[list[int]] = list(TRANSITIONS)
+_TIMEOUT_ERRORS: Final[list[ProxyError | None]] = list(_TIMEOUTS)
 
 NEVER: Final = float("inf")
 
@@ -104,7 +108,7 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 
 def timeout_error(phase: Phase) -> ProxyError | None:
     """What a timeout in `phase` answers (None: no deadline of its own; see `_TIMEOUTS`)."""
-    return _TIMEOUTS[phase]
+    return _TIMEOUT_ERRORS[phase]
 
 
 class Parking(Protocol):
@@ -198,6 +202,7 @@ class Exchange:
         "pending_body",
         "pending_bytes",
         "phase",
+        "prompt",
         "protocol",
         "request_id",
         "reserved",
@@ -262,6 +267,9 @@ class Exchange:
         self.wait_error: ProxyError | None = None  # what a SUSPENDED exchange answers when its wait times out
         self.route: Route | None = None
         self.step = 0  # index of the step that suspended it (re-run on wake)
+        # Sent upstream without a step, a wait or a connect: `t_upstream` is then `t_start` (what lies
+        # between is the proxy's own few microseconds, not worth a clock read on the hot path).
+        self.prompt = True
         self.upstream: Upstream | None = None  # the connection carrying it (WAIT_RESPONSE, RESPONDING)
         self.server: Address | None = None  # the upstream server that took it
         self.attempts = 0  # upstream connects opened for it
@@ -283,7 +291,7 @@ class Exchange:
 
     def _enter(self, phase: Phase, deadline: float) -> None:
         old = self.phase
-        if not (TRANSITIONS[old] >> phase) & 1:
+        if not (_NEXT[old] >> phase) & 1:
             raise IllegalTransition(f"{self!r}: {PHASE_NAMES[old]} -> {PHASE_NAMES[phase]}")
         if old == PHASE_BUFFERING and self.reserved:
             self.worker.body_reserved -= self.reserved
@@ -299,6 +307,7 @@ class Exchange:
         """A step waits for something (STEPS -> SUSPENDED): parked on `parking` until `wake`, or answered
         `error` after `timeout` seconds. The step that called this returns `gateway.WAIT`."""
         self._enter(PHASE_SUSPENDED, self.worker.now + timeout)
+        self.prompt = False
         self.parked = parking
         self.wait_error = error
 
@@ -313,6 +322,7 @@ class Exchange:
         """Read the request body (up to `reserve` bytes, held against the worker's body buffer memory)
         before taking an upstream connection (STEPS -> BUFFERING); `body_ready` ends the wait."""
         self._enter(PHASE_BUFFERING, NEVER)
+        self.prompt = False
         self.reserved = reserve
         self.worker.body_reserved += reserve
         self.downstream.body_wanted(self)
@@ -325,11 +335,13 @@ class Exchange:
     def wait_connection(self, cluster: Parking, deadline: float) -> None:
         """Queued for a pooled connection of `cluster` until `deadline`."""
         self._enter(PHASE_WAIT_CONNECTION, deadline)
+        self.prompt = False
         self.parked = cluster
 
     def connecting(self, conn: Parking, server: Address, deadline: float) -> None:
         """A new upstream connection `conn` to `server` is opened for it; connect timeout at `deadline`."""
         self._enter(PHASE_CONNECTING, deadline)
+        self.prompt = False
         self.parked = conn
         self.server = server
         self.attempts += 1
@@ -340,7 +352,7 @@ class Exchange:
         self.parked = conn
         self.upstream = conn
         self.server = server
-        self.t_upstream = perf_counter()
+        self.t_upstream = self.t_start if self.prompt else perf_counter()
 
     def responding(self) -> None:
         """The response head was forwarded; the body streams (WAIT_RESPONSE -> RESPONDING)."""
@@ -398,7 +410,7 @@ class Exchange:
         if now <= self.deadline:
             return
         phase = self.phase
-        error = self.wait_error if phase == PHASE_SUSPENDED else _TIMEOUTS[phase]
+        error = self.wait_error if phase == PHASE_SUSPENDED else _TIMEOUT_ERRORS[phase]
         if error is not None:
             self.fail(error, timed_out=True)
 
@@ -452,6 +464,10 @@ class Exchange:
         self.pending_bytes = 0
 
     # ------------------------------------------------------------------ headers steps add or remove
+
+    def stepped(self) -> None:
+        """The gateway runs the route's steps (they may take time: `t_upstream` is read from the clock)."""
+        self.prompt = False
 
     def add_request_header(self, name: bytes, value: bytes) -> None:
         """A header for the upstream request (e.g. a verified claim)."""

@@ -2,7 +2,7 @@
 
 Pure functions of (method, target, host, header pairs, client address, scheme): an HTTP/1.1 connection,
 an HTTP/2 stream or a TLS connection hand the same inputs here and get the same upstream request.
-`scan_headers` sorts a request's header pairs into the ones forwarded as they are and the ones the
+`HeadScan` sorts a request's header pairs into the ones forwarded as they are and the ones the
 proxy handles itself (framing, hop-by-hop, forwarding, request id); `forward_lines` encodes the
 header lines the proxy adds. The upstream side is always HTTP/1.1, so the additions are pre-encoded
 once per request as HTTP/1.1 header lines.
@@ -38,7 +38,9 @@ FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 # Headers the proxy sets itself on every forwarded request; client copies are dropped or rewritten.
 FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
 
-# How `scan_headers` treats a request header (by lower-cased name); anything else is forwarded as is.
+_OWS: Final = (0x20, 0x09)  # space, tab
+
+# How `HeadScan` treats a request header (by lower-cased name); anything else is forwarded as is.
 KIND_FORWARD: Final = 0
 KIND_HOST: Final = 1
 KIND_LENGTH: Final = 2
@@ -53,7 +55,7 @@ KIND_UPGRADE: Final = 10
 
 
 def header_kinds(request_id_header: bytes) -> dict[bytes, int]:
-    """The classification table for `scan_headers`, for the configured request-id header name."""
+    """The classification table for `HeadScan`, for the configured request-id header name."""
     kinds = dict.fromkeys(HOP_BY_HOP, KIND_HOP)
     kinds.update(
         {
@@ -73,11 +75,13 @@ def header_kinds(request_id_header: bytes) -> dict[bytes, int]:
 
 
 class HeadScan:
-    """The header pairs of one request, sorted by `scan_headers` (reused from request to request)."""
+    """The header pairs of one request, sorted as they come (`add`), reused from request to request.
+    `kinds` is the classification table (`header_kinds`)."""
 
-    __slots__ = ("connection", "expect", "forward", "host", "length", "request_id", "te", "upgrade", "xff")
+    __slots__ = ("connection", "expect", "forward", "host", "kinds", "length", "request_id", "te", "upgrade", "xff")
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        self.kinds = kinds
         self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
         self.host: bytes | None = None
         self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
@@ -88,43 +92,54 @@ class HeadScan:
         self.request_id: bytes | None = None  # the first one
         self.upgrade = False
 
+    def reset(self) -> None:
+        """Ready for the next request's headers."""
+        self.forward = []
+        self.host = self.length = self.te = self.connection = self.expect = self.xff = self.request_id = None
+        self.upgrade = False
 
-def scan_headers(kinds: dict[bytes, int], pairs: list[tuple[bytes, bytes]], into: HeadScan) -> None:
-    """Sort `pairs` (name, value as received) into `into`. Raises BadRequest for a second Host.
+    def add(self, name: bytes, value: bytes) -> None:
+        """Sort one header (name and value as received). Raises BadRequest for a second Host.
 
-    Values the proxy interprets are trimmed of surrounding whitespace (optional whitespace is not part
-    of a field value); forwarded values are passed on as received.
-    """
-    forward: list[tuple[bytes, bytes]] = []
-    into.forward = forward
-    into.host = into.length = into.te = into.connection = into.expect = into.xff = into.request_id = None
-    into.upgrade = False
-    for pair in pairs:
-        kind = kinds.get(pair[0].lower(), KIND_FORWARD)
+        Values the proxy interprets are trimmed of surrounding whitespace (optional whitespace is not part
+        of a field value); forwarded values are passed on as received.
+        """
+        kind = self.kinds.get(name.lower(), KIND_FORWARD)
         if kind == KIND_FORWARD:
-            forward.append(pair)
-            continue
-        value = pair[1].strip(b" \t")
+            self.forward.append((name, value))
+            return
+        if value and value[-1] in _OWS:  # (the parser drops leading whitespace, never trailing)
+            value = value.strip(b" \t")
         if kind == KIND_HOST:
-            if into.host is not None:
+            if self.host is not None:
                 raise BadRequest("duplicate_host")
-            into.host = value
+            self.host = value
         elif kind == KIND_LENGTH:
-            into.length = value
+            self.length = value
         elif kind == KIND_TE:
-            into.te = value if into.te is None else into.te + b", " + value
+            self.te = value if self.te is None else self.te + b", " + value
         elif kind == KIND_CONNECTION:
-            into.connection = value if into.connection is None else into.connection + b"," + value
+            self.connection = value if self.connection is None else self.connection + b"," + value
         elif kind == KIND_XFF:
-            into.xff = value if into.xff is None else into.xff + b", " + value
+            self.xff = value if self.xff is None else self.xff + b", " + value
         elif kind == KIND_REQUEST_ID:
-            if into.request_id is None:
-                into.request_id = value
+            if self.request_id is None:
+                self.request_id = value
         elif kind == KIND_EXPECT:
-            into.expect = value
+            self.expect = value
         elif kind == KIND_UPGRADE:
-            into.upgrade = True
+            self.upgrade = True
         # KIND_HOP, KIND_DROP: not forwarded
+
+
+def scan_headers(pairs: list[tuple[bytes, bytes]], into: HeadScan) -> None:
+    """Sort a request's header pairs into `into` (what a protocol that gets all of them at once does)."""
+    into.reset()
+    for name, value in pairs:
+        into.add(name, value)
+
+
+_OPTIONS: Final = FRAMING | {b"close", b"keep-alive"}
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
@@ -139,7 +154,11 @@ def nominated(connection: bytes | None) -> frozenset[bytes]:
     """
     if connection is None:
         return frozenset()
-    return frozenset(connection_tokens(connection) - FRAMING - {b"close", b"keep-alive"})
+    if len(connection) <= 10:
+        option = connection.lower()
+        if option == b"keep-alive" or option == b"close":  # the usual value: nothing nominated
+            return frozenset()
+    return frozenset(connection_tokens(connection) - _OPTIONS)
 
 
 def strip_nominated(headers: list[tuple[bytes, bytes]], connection: bytes | None) -> list[tuple[bytes, bytes]]:
@@ -162,38 +181,55 @@ def valid_host(host: bytes) -> bool:
     return _HOST.fullmatch(host) is not None
 
 
-_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
+_IDENTITY: Final = bytes(range(256))
+_VISIBLE_ASCII: Final = bytes(range(0x21, 0x7F))
 
 
 def valid_request_id(value: bytes) -> bool:
-    """A client-supplied request id we are willing to forward and echo (visible ASCII, bounded)."""
-    return _REQUEST_ID.fullmatch(value) is not None
+    """A client-supplied request id we are willing to forward and echo (visible ASCII, 1 to 128 bytes)."""
+    return 0 < len(value) <= 128 and not value.translate(_IDENTITY, _VISIBLE_ASCII)
 
 
 def upstream_headers(
-    policy: ForwardPolicy, scan: HeadScan, *, host: bytes, client: bytes, scheme: bytes, new_id: Callable[[], bytes]
+    policy: ForwardPolicy,
+    scan: HeadScan,
+    *,
+    origin: bytes,
+    host: bytes,
+    client: bytes,
+    scheme: bytes,
+    new_id: Callable[[], bytes],
 ) -> tuple[list[tuple[bytes, bytes]], bytes, bytes]:
     """What goes upstream for a scanned request, whatever protocol it came in on: (the headers to forward
-    as they are, the request id, the header lines the proxy adds). `new_id()` makes a request id when the
-    client sent no valid one."""
+    as they are, the request id, the header lines the proxy adds). `origin` is `policy.origin(client,
+    scheme)`, made once per connection; `new_id()` makes a request id when the client sent no valid one."""
     headers = scan.forward if scan.connection is None else strip_nominated(scan.forward, scan.connection)
     request_id = scan.request_id
     if request_id is None or not valid_request_id(request_id):
         request_id = new_id()
-    lines = policy.forward_lines(client=client, scheme=scheme, host=host, xff=scan.xff, request_id=request_id)
+    xff = scan.xff
+    if xff is None:
+        lines = b"".join((origin, host, policy.tail, request_id, b"\r\n"))
+    else:
+        lines = policy.forward_lines(client=client, scheme=scheme, host=host, xff=xff, request_id=request_id)
     return headers, request_id, lines
 
 
 class ForwardPolicy:
     """The per-worker constants of what the proxy adds to forwarded requests (from the config, once)."""
 
-    __slots__ = ("kinds", "request_id_line", "via_line")
+    __slots__ = ("kinds", "request_id_line", "tail", "via_line")
 
     def __init__(self, request_id_header: str, via: str) -> None:
         name = request_id_header.lower().encode()
         self.kinds = header_kinds(name)
         self.request_id_line = b"%s: " % name
         self.via_line = b"via: %s\r\n" % via.encode() if via else b""
+        self.tail = b"\r\n" + self.via_line + self.request_id_line  # after the forwarded host
+
+    def origin(self, client: bytes, scheme: bytes) -> bytes:
+        """The start of `forward_lines` for a client without X-Forwarded-For (one per connection)."""
+        return b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: " % (client, scheme)
 
     def forward_lines(
         self, *, client: bytes, scheme: bytes, host: bytes, xff: bytes | None, request_id: bytes

@@ -85,6 +85,7 @@ class Gateway:
             return
         exchange.route = route
         if route.steps:
+            exchange.stepped()
             self._run_steps(exchange, route, 0)
         else:
             self._proceed(exchange, route)
@@ -115,7 +116,10 @@ class Gateway:
 
     def _proceed(self, exchange: Exchange, route: Route) -> None:
         """Every step passed: buffer the request body if it is still arriving, else go upstream."""
-        if not exchange.body_done and self.buffer_size:
+        if exchange.body_done:
+            route.cluster.dispatch(exchange, self.state.now)
+            return
+        if self.buffer_size:
             size = self.buffer_size
             need = size if exchange.body_kind == BODY_CHUNKED else min(exchange.content_length, size)
             state = self.state

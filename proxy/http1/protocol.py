@@ -45,7 +45,7 @@ from proxy.exchange import (
     BodyKind,
     Exchange,
 )
-from proxy.forwarding import ForwardPolicy, HeadScan, scan_headers, upstream_headers, valid_host
+from proxy.forwarding import ForwardPolicy, HeadScan, upstream_headers, valid_host
 from proxy.http1.framing import LAST_CHUNK, chunk, error_response, request_framing
 
 if TYPE_CHECKING:
@@ -57,9 +57,10 @@ _PAUSE_BODY_BUFFER: Final = 2
 _PAUSE_UPSTREAM: Final = 4
 _PAUSE_CLIENT_BEHIND: Final = 8  # the client does not read our answers: read no new requests from it
 
-# The shortest request head a parser can complete ("GET / HTTP/1.0" CRLF CRLF is 18 bytes): a read of
-# fewer than this many bytes per free pipeline place cannot overfill the pipeline.
-_MIN_HEAD: Final = 16
+# The shortest head of a request that keeps its connection open ("GET / HTTP/1.1" CRLF "Host:" CRLF CRLF:
+# 25 bytes; an HTTP/1.0 one must ask for keep-alive): a read of at most this many bytes per free pipeline
+# place cannot overfill the pipeline by more than one request (a last, connection-closing one).
+_MIN_HEAD: Final = 25
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_LINE: Final = b"\r\ntransfer-encoding: chunked"
@@ -147,8 +148,8 @@ class HttpProtocol(asyncio.Protocol):
         "linger_deadline",
         "method_of",
         "n_headers",
+        "origin",
         "out",
-        "pairs",
         "parse_failed",
         "parser",
         "paused_since",
@@ -167,6 +168,7 @@ class HttpProtocol(asyncio.Protocol):
         "state",
         "transport",
         "url",
+        "valid_host",
         "write",
         "write_paused",
     )
@@ -186,7 +188,9 @@ class HttpProtocol(asyncio.Protocol):
         self.fd = -1
         self.client_ip = b""
         self.scheme = b"http"
-        self.scan = HeadScan()
+        self.valid_host = b""  # the last Host value that passed the syntax check
+        self.origin = b""  # the first forwarding lines (forwarding.py), once per connection
+        self.scan = HeadScan(settings.kinds)
         self.out: list[bytes] = []
         self.active: Exchange | None = None  # the exchange being answered
         self.queue: deque[Exchange] = deque()  # parsed, waiting for their turn (the next one first)
@@ -218,7 +222,6 @@ class HttpProtocol(asyncio.Protocol):
         self.http11 = True
         # Per-request state (reset in on_message_begin)
         self.url = b""
-        self.pairs: list[tuple[bytes, bytes]] = []
         self.n_headers = 0
         self.header_bytes = 0
 
@@ -233,6 +236,7 @@ class HttpProtocol(asyncio.Protocol):
         self.client_ip = str(peer[0]).encode() if peer else b"unknown"
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+        self.origin = self.settings.policy.origin(self.client_ip, self.scheme)
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
         self.idle_since = self.state.now
@@ -242,8 +246,11 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.parse_failed:
             return  # lingering close, or the stream is beyond repair: discard
-        self._parse(data)
-        if self.queue or self.active is not None:
+        if len(data) <= (self.settings.max_pipelined - len(self.queue)) * _MIN_HEAD:
+            self._feed(data)  # (the usual read: too short to overfill the pipeline; see _parse)
+        else:
+            self._parse(data)
+        if self.queue or self.backlog or (self.active is not None and self.active.phase == PHASE_BUFFERING):
             self._pump()
 
     def eof_received(self) -> bool | None:
@@ -384,7 +391,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head_raw = 0
         self.head_deadline = self.state.now + self.settings.header_timeout
         self.url = b""
-        self.pairs = []
+        self.scan.reset()
         self.n_headers = 0
         self.header_bytes = 0
 
@@ -400,7 +407,7 @@ class HttpProtocol(asyncio.Protocol):
         self.n_headers += 1
         if self.n_headers > self.settings.max_header_count or self.header_bytes > self.settings.max_header_bytes:
             raise HeadersTooLarge()
-        self.pairs.append((name, value))
+        self.scan.add(name, value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -408,7 +415,6 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         keep_alive = self.keeps_alive()
         scan = self.scan
-        scan_headers(settings.kinds, self.pairs, scan)
         if self.requests == 0 or not keep_alive or scan.connection is not None:
             version = self.parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
             http11 = version == "1.1"
@@ -430,8 +436,10 @@ class HttpProtocol(asyncio.Protocol):
             raise BadRequest("missing_host")  # RFC 9112 3.2, absolute-form included
         if target[:1] != b"/":
             target, host = _non_origin_target(method, target, host)
-        elif host is not None and not valid_host(host):
-            raise BadRequest("invalid_host")
+        elif host is not None and host != self.valid_host:
+            if not valid_host(host):
+                raise BadRequest("invalid_host")
+            self.valid_host = host  # the usual client sends the same Host on every request
         # `find`, not `in`: bytes.__contains__ first tries the operand as an int and clears a TypeError.
         if target.find(b"/.") >= 0 or target.find(b"%2") >= 0:
             _check_dot_segments(target)
@@ -439,7 +447,13 @@ class HttpProtocol(asyncio.Protocol):
             host = b""  # HTTP/1.0 without Host
         client = self.client_ip
         headers, rid, lines = upstream_headers(
-            settings.policy, scan, host=host, client=client, scheme=self.scheme, new_id=settings.new_id
+            settings.policy,
+            scan,
+            origin=self.origin,
+            host=host,
+            client=client,
+            scheme=self.scheme,
+            new_id=settings.new_id,
         )
         exchange = Exchange(
             worker=state,
@@ -566,7 +580,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.read_paused:
             # Pauses taken for this exchange's body end with it (a remaining body is read and discarded).
             self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
-        self._pump()
+        if self.queue or self.backlog or self.deferred_error is not None or self.read_paused:
+            self._pump()
 
     def _no_more_requests(self) -> None:
         """Answer what was received, then close (the client half-closed)."""

@@ -102,8 +102,15 @@ class Cluster:
     def dispatch(self, exchange: Exchange, now: float) -> None:
         """Give `exchange` a connection now, open one, queue it, or answer it 503."""
         servers = self.servers
-        if len(servers) == 1:  # the common case: no rotation
+        if len(servers) == 1:  # the common case: no rotation, and the idle stack's top is usually good
             server = servers[0]
+            idle = server.idle
+            if idle:
+                top = idle.pop()
+                if top.usable and now - top.idle_since < self.config.idle_timeout:
+                    top.attach(exchange)
+                    return
+                top.close()
             if server.ejected_until <= now and self._try_server(server, exchange, now):
                 return
         else:

@@ -51,10 +51,17 @@ def stream_exchange(
     """What an HTTP/2 stream does with the same request: its header list (pseudo-headers already taken
     apart) through the protocol-neutral functions."""
     policy = ForwardPolicy("x-request-id", "")
-    scan = HeadScan()
-    scan_headers(policy.kinds, pairs, scan)
+    scan = HeadScan(policy.kinds)
+    scan_headers(pairs, scan)
+    client = b"10.1.2.3"
     headers, request_id, lines = upstream_headers(
-        policy, scan, host=authority, client=b"10.1.2.3", scheme=scheme, new_id=lambda: b"fresh"
+        policy,
+        scan,
+        origin=policy.origin(client, scheme),
+        host=authority,
+        client=client,
+        scheme=scheme,
+        new_id=lambda: b"fresh",
     )
     exchange = make_exchange(None)
     exchange.method, exchange.target, exchange.host = method, target, authority
@@ -94,11 +101,32 @@ def test_http1_and_a_stream_yield_the_same_upstream_request(tls: bool) -> None:
     assert names.count(b"x-forwarded-proto") == names.count(b"x-forwarded-host") == 1
 
 
+def test_forward_lines_with_and_without_a_client_x_forwarded_for() -> None:
+    policy = ForwardPolicy("x-request-id", "1.1 uvgate")
+    scan = HeadScan(policy.kinds)
+    for pairs, xff in (([], b"10.1.2.3"), ([(b"X-Forwarded-For", b"198.51.100.1")], b"198.51.100.1, 10.1.2.3")):
+        scan_headers(pairs, scan)
+        _, rid, lines = upstream_headers(
+            policy,
+            scan,
+            origin=policy.origin(b"10.1.2.3", b"http"),
+            host=b"h",
+            client=b"10.1.2.3",
+            scheme=b"http",
+            new_id=lambda: b"new",
+        )
+        assert rid == b"new"
+        assert lines == (
+            b"x-forwarded-for: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: h\r\n"
+            b"via: 1.1 uvgate\r\nx-request-id: new\r\n" % xff
+        )
+
+
 def test_scan_sorts_and_trims_what_the_proxy_interprets() -> None:
     policy = ForwardPolicy("x-trace", "1.1 uvgate")
-    scan = HeadScan()
+    scan = HeadScan(policy.kinds)
     pairs = [(b"Host", b"h  "), (b"transfer-encoding", b"chunked\t"), (b"X-Trace", b"t1"), (b"x-trace", b"t2")]
-    scan_headers(policy.kinds, [*pairs, (b"Upgrade", b"h2c"), (b"Expect", b"100-continue")], scan)
+    scan_headers([*pairs, (b"Upgrade", b"h2c"), (b"Expect", b"100-continue")], scan)
     assert (scan.host, scan.te, scan.request_id, scan.upgrade, scan.expect) == (
         b"h",
         b"chunked",
@@ -108,7 +136,7 @@ def test_scan_sorts_and_trims_what_the_proxy_interprets() -> None:
     )
     assert scan.forward == []
     with pytest.raises(BadRequest, match="duplicate_host"):
-        scan_headers(policy.kinds, [(b"Host", b"a"), (b"host", b"a")], scan)
+        scan_headers([(b"Host", b"a"), (b"host", b"a")], scan)
     lines = policy.forward_lines(client=b"::1", scheme=b"https", host=b"h", xff=None, request_id=b"r")
     assert lines == (
         b"x-forwarded-for: ::1\r\nx-forwarded-proto: https\r\nx-forwarded-host: h\r\nvia: 1.1 uvgate\r\nx-trace: r\r\n"
