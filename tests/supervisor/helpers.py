@@ -14,9 +14,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from devstack import ProxyService, Service, http_get, http_request, raw_request
+from devstack.stack import PROJECT_ROOT
 from devstack.tomlwriter import dump
 
 T = TypeVar("T")
@@ -56,6 +58,13 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, ser
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{tail}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def shadow_env(shadow: Path) -> dict[str, str]:
+    """Environment for a proxy in which the modules written into `shadow` (created here) hide the real
+    ones: fault injection into the workers, e.g. a `uvloop.py` that raises at import."""
+    shadow.mkdir(exist_ok=True)
+    return {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
 
 
 def log_matches(service: ProxyService, pattern: str) -> list[re.Match[str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from devstack import ProxyFactory, Service
-from devstack.stack import PROJECT_ROOT
-from tests.supervisor.helpers import config, log_matches, worker_starts
+from tests.supervisor.helpers import config, log_matches, shadow_env, worker_starts
 
 EXIT_BOOT_FAILURE = 3
 EXIT_BIND_FAILURE = 4
@@ -48,9 +46,8 @@ def test_worker_boot_failure_stops_the_supervisor(
 ) -> None:
     """A dependency only workers import (uvloop) is broken: each worker fails at boot; exit 3, no loop."""
     shadow = tmp_path / "shadow"
-    shadow.mkdir()
+    env = shadow_env(shadow)
     (shadow / "uvloop.py").write_text('raise ImportError("uvloop is broken in this environment (test)")\n')
-    env = {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
     proxy = proxy_factory(config(), workers=2, wait_ready=False, env=env)
     status = proxy.wait(20.0)
     log = proxy.read_log()
@@ -58,6 +55,30 @@ def test_worker_boot_failure_stops_the_supervisor(
     failed = log_matches(proxy, r"worker (\d+) \(slot \d\) failed to boot \(exit code \d+\): (.*); stopping")
     assert failed, log
     assert "ImportError: uvloop is broken in this environment (test)" in failed[0][2], log
+    starts = worker_starts(proxy)
+    assert 1 <= len(starts) <= 2 and all(s.generation == 1 for s in starts), f"no restart loop:\n{log}"
+    assert "restarting in" not in log and "ready: listening" not in log
+    assert "supervisor exiting with code 3" in log
+    assert proxy.process.group_pids() == []
+
+
+def test_boot_error_whose_text_contains_r_is_not_taken_for_ready(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """The status pipe is framed: a boot error's reason is data, whatever letters it holds. (Read by
+    substring, "RuntimeError: Redis ..." contains `R`, the old "ready" message, and the supervisor
+    restarted the "crashed" worker forever.)"""
+    shadow = tmp_path / "shadow"
+    env = shadow_env(shadow)
+    (shadow / "uvloop.py").write_text('raise RuntimeError("Redis is unreachable")\n')
+    proxy = proxy_factory(config(), workers=2, wait_ready=False, env=env)
+    status = proxy.wait(15.0)
+    log = proxy.read_log()
+    assert status == EXIT_BOOT_FAILURE, log
+    failed = log_matches(proxy, r"worker (\d+) \(slot \d\) failed to boot \(exit code 3\): (.*); stopping")
+    assert len(failed) == 1, log
+    assert failed[0][2] == "RuntimeError: Redis is unreachable", log
+    assert not log_matches(proxy, r"worker \d+ \(slot \d\) ready"), f"a boot error was read as ready:\n{log}"
     starts = worker_starts(proxy)
     assert 1 <= len(starts) <= 2 and all(s.generation == 1 for s in starts), f"no restart loop:\n{log}"
     assert "restarting in" not in log and "ready: listening" not in log
