@@ -2,9 +2,12 @@
 
 Theory of operation: one SO_REUSEPORT listening socket per worker slot is bound here and never
 closed while the service runs, so connections queued on a slot wait for its next worker instead
-of being reset. A slot socket is bound here but put into listening state by its first worker
-(uvloop's `create_server` calls listen): only then does it join the kernel's SO_REUSEPORT group
-and get connections, so a socket added for a reload that then fails never held any. Workers are
+of being reset. At startup the address is probed without SO_REUSEPORT (`probe_listen`): a second
+instance on the address of a running one exits 4 instead of joining its SO_REUSEPORT group. Slot 0
+listens from then on; every other slot socket is bound here but put into listening state by its
+first worker (uvloop's `create_server` calls listen): only then does it join the kernel's
+SO_REUSEPORT group and get connections, so a socket added for a reload that then fails never held
+any. Workers are
 forked (the supervisor runs no threads and no event loop, so fork is safe) and report through a
 status pipe in framed messages (`proxy.ipc`: ready, heartbeat, boot error or fatal error with
 its reason), decoded incrementally per worker; a corrupt stream gets the worker killed. Signal
@@ -107,6 +110,20 @@ def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True, li
     return sock
 
 
+def probe_listen(address: Address) -> None:
+    """Raise OSError ("cannot listen on ADDRESS: Address already in use") if a socket listens on `address`.
+
+    The slot sockets use SO_REUSEPORT, and a second uvgate's SO_REUSEPORT sockets would join the
+    first one's group and take part of its traffic instead of failing to bind. So the address is
+    bound once without SO_REUSEPORT first: that fails if anything listens on it (another uvgate
+    included), and, with SO_REUSEADDR, not for what an instance that stopped leaves behind (TIME_WAIT,
+    connections its workers still drain). Residual race: two instances starting together can both
+    pass the probe before either listens. The caller makes slot 0 listen right after its probe, so
+    the window is the few microseconds between the two calls.
+    """
+    bind_listener(address, 1, reuse_port=False, listen=False).close()
+
+
 SD_LISTEN_FDS_START = 3
 
 
@@ -184,7 +201,12 @@ class Supervisor:
                 self.config = replace(self.config, server=replace(server, workers=count))
             self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(count)]
         else:
-            first = bind_listener(server.listen, server.backlog, listen=False)
+            if server.listen.port != 0:
+                probe_listen(server.listen)
+            # Slot 0 listens at once, so that from here on another instance's probe sees this one:
+            # connections made before worker 0 serves wait in its queue (the other slots listen when
+            # their workers start, see the top).
+            first = bind_listener(server.listen, server.backlog)
             self.listen = Address(server.listen.host, first.getsockname()[1])
             self.slots = [Slot(0, first)]
             for index in range(1, server.workers):
