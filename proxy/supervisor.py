@@ -21,8 +21,11 @@ dispatches `handle_<signal>`:
 - SIGHUP: re-read the config. Invalid: log and keep serving. Valid: fork a new generation on the
   same slot sockets; when every new worker is ready, SIGTERM (drain) the old ones. If a new worker
   fails to boot, the new generation is killed and the old one keeps serving.
-- SIGTERM/SIGINT: SIGTERM every worker (they drain), wait up to drain_timeout + grace, SIGKILL
-  what is left, exit 0.
+- SIGTERM/SIGINT: SIGTERM every worker (they drain), then stop listening (shutdown(SHUT_RD) of
+  every slot socket, which acts for the workers too): new connections are refused at once while
+  in-flight requests finish (a reload, unlike a stop, keeps every queue for the next generation).
+  Wait up to drain_timeout + grace, SIGKILL what is left, exit 0. Socket-activated listeners are
+  systemd's and keep listening: what connects meanwhile waits for the next start.
 A worker silent for `heartbeat_timeout` is killed and replaced.
 """
 
@@ -327,6 +330,11 @@ class Supervisor:
             worker_.pipe = -1
 
     def _on_ready(self, worker_: Worker) -> None:
+        if self.draining:
+            # A worker that was still booting when the stop began listened again (listen() after a
+            # shutdown re-opens the socket); it has its SIGTERM already.
+            self._stop_listening()
+            return
         reload = self.reload
         if reload is not None and worker_.generation == reload.generation:
             if all(w.ready for w in reload.workers):
@@ -523,6 +531,7 @@ class Supervisor:
     # ------------------------------------------------------------------ shutdown
 
     def begin_shutdown(self) -> None:
+        """Stop: drain every worker and stop listening (a reload does neither: see handle_sighup)."""
         if self.draining:
             return
         self.draining = True
@@ -530,6 +539,25 @@ class Supervisor:
         sd_notify(self.notify_socket, "STOPPING=1")
         for w in list(self.workers.values()):
             self.stop_worker(w)
+        self._stop_listening()
+        if self.inherited:
+            log.info("stopping: the listeners are systemd's; new connections wait there for the next start")
+        else:
+            log.info("stopping: no longer listening on %s, new connections are refused", self.listen)
+
+    def _stop_listening(self) -> None:
+        """Take every slot socket out of listening state, for the workers too: a new connection is
+        refused at once (a load balancer retries elsewhere) instead of waiting in a queue that no
+        worker serves any more, to be reset at exit. shutdown(SHUT_RD) acts on the socket, not on
+        this process's descriptor, so it stops listening for every process holding it (closing our
+        descriptor would not). uvloop in a worker does not fail on it: it gets no more connections
+        (its accept fails quietly) and closes its server at the SIGTERM sent just before. Connections
+        already accepted are not touched. Socket-activated listeners are systemd's, which keeps
+        listening after we exit and starts us again for what waits there: they are left alone."""
+        for sock in {id(slot.sock): slot.sock for slot in self.slots}.values():
+            if sock not in self.inherited:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
 
     # ------------------------------------------------------------------ admin
 

@@ -3,9 +3,13 @@ SO_REUSEPORT group and taking part of its traffic; a restart on the same port is
 
 from __future__ import annotations
 
+import hashlib
 import signal
+import socket
 
 from devstack import ProxyFactory, ProxyService, RawHTTPConnection, Service
+from devstack.rawhttp import build_request
+from tests.helpers import backend_stats, pattern, wait_backend_count
 from tests.supervisor.helpers import (
     api_body,
     children,
@@ -89,4 +93,42 @@ def test_restart_on_the_same_port_is_not_refused(proxy_factory: ProxyFactory, ba
 
     second = proxy_factory(config(), workers=2, listen_port=port)
     assert _listeners(port) == 2
+    _serves_everything(second, backend_stub)
+
+
+def _refused(proxy: ProxyService) -> bool:
+    try:
+        socket.create_connection((proxy.host, proxy.port), timeout=2.0).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_new_instance_may_start_while_the_stopped_one_drains(
+    proxy_factory: ProxyFactory, backend_stub: Service
+) -> None:
+    """A stopping instance no longer listens, so a new one on the same port passes the probe (the old
+    one's connections still being answered do not count) and takes the new connections at once."""
+    first = proxy_factory(config(drain_timeout="30s"), workers=1)
+    port = first.port
+    body = pattern(100_000)
+    request = build_request("POST", "/echo", body=body, host=f"{first.host}:{port}")
+    with RawHTTPConnection(first.host, port, timeout=15.0) as conn:
+        # In flight until the test sends the rest of the body: the first instance drains until then.
+        accepted = backend_stats(backend_stub)["connections_accepted"]
+        conn.send(request[:-1000])
+        wait_backend_count(backend_stub, "connections_accepted", accepted, 1)  # the proxy forwards it
+        first.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refused(first), 5.0, "the stopping instance refusing connections", first)
+
+        second = proxy_factory(config(), workers=2, listen_port=port)
+        assert first.exit_status() is None, "the first instance is still draining"
+        assert _listeners(port) == 2, "only the second instance listens"
+        _serves_everything(second, backend_stub)
+
+        conn.send(request[-1000:])
+        response = conn.read_response()
+        assert response.status == 200 and (response.header("connection") or "").lower() == "close", response
+        assert response.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert first.wait(15.0) == 0, first.read_log()
     _serves_everything(second, backend_stub)

@@ -10,8 +10,8 @@ import socket
 import time
 from pathlib import Path
 
-from devstack import ProxyFactory, RawHTTPConnection, Service, free_port, http_get
-from devstack.procfs import pid_alive
+from devstack import ProxyFactory, ProxyService, RawHTTPConnection, Service, free_port, http_get
+from devstack.procfs import cpu_seconds, pid_alive
 from proxy.config import ServerConfig, load
 from tests.helpers import backend_requests, wait_backend_requests
 from tests.supervisor.helpers import (
@@ -64,6 +64,51 @@ def test_sigterm_completes_the_request_in_flight_then_exits_0(
     assert proxy.process.group_pids() == [], "no worker process remains"
 
 
+def _connect_refused(proxy: ProxyService) -> bool:
+    """True if a new connection to the proxy is refused; one the kernel accepts is closed again."""
+    try:
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=2.0)
+    except ConnectionRefusedError:
+        return True
+    sock.close()
+    return False
+
+
+def test_sigterm_refuses_new_connections_while_the_request_in_flight_completes(
+    proxy_factory: ProxyFactory, backend_stub: Service
+) -> None:
+    """On a stop the slot sockets stop listening at once: a new connection is refused (a load balancer
+    retries elsewhere) instead of waiting in a queue no worker serves any more, to be reset when the
+    supervisor exits. The request in flight still completes."""
+    proxy = proxy_factory(config(drain_timeout="10s"), workers=2)
+    workers = children(proxy)
+    assert not _connect_refused(proxy)
+    with RawHTTPConnection(proxy.host, proxy.port, timeout=10.0) as conn:
+        sent = _start_delayed(conn, backend_stub)
+        proxy.send_signal(signal.SIGTERM)
+        wait_for_log(proxy, r"SIGTERM: draining")
+        wait_until(lambda: _connect_refused(proxy), 1.5, "a new connection refused", proxy)
+        assert proxy.exit_status() is None, "refused during the drain, not because the supervisor is gone"
+        for _ in range(10):  # every new connection, whichever slot socket the kernel would have picked
+            assert _connect_refused(proxy)
+
+        # The workers' listening sockets were shut down under them: they neither fail nor spin on them.
+        before = cpu_seconds(workers)
+        time.sleep(0.5)  # a measurement window, not a wait for a condition
+        assert cpu_seconds(workers) - before < 0.2, "draining workers busy while waiting for one response"
+
+        response = conn.read_response(timeout=10.0)
+        elapsed = time.monotonic() - sent
+        assert response.status == 200, response
+        assert response.body == api_body(backend_stub)
+        assert (response.header("connection") or "").lower() == "close", response.headers
+        assert elapsed >= DELAY_MS / 1000 * 0.9, f"answered after {elapsed:.2f}s: not the delayed response?"
+    assert proxy.wait(15.0) == 0, proxy.read_log()
+    log = proxy.read_log()
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert proxy.process.group_pids() == []
+
+
 def test_sigterm_under_load_ends_connections_cleanly(proxy_factory: ProxyFactory, backend_stub: Service) -> None:
     """Keep-alive clients see Connection: close on their last response, never a reset, while the proxy drains."""
     proxy = proxy_factory(config(), workers=2)
@@ -77,9 +122,9 @@ def test_sigterm_under_load_ends_connections_cleanly(proxy_factory: ProxyFactory
     result = load.join()
     before_stop = [f for f in result.failures if f.at < stopped_at]
     assert before_stop == [], result.summary()
-    # Clients that reconnect after Connection: close land in an accept queue nobody serves any more; when
-    # the supervisor exits it closes the listeners, so those fresh connections are refused or reset (at
-    # connect, send or receive). That is inherent to stopping. What must not happen is a keep-alive
+    # Clients that reconnect after Connection: close are refused (the supervisor stops listening when the
+    # stop begins); one that connected just before lands in an accept queue nobody serves any more and is
+    # reset (at send or receive). That is inherent to stopping. What must not happen is a keep-alive
     # connection that a draining worker was serving being dropped under a request.
     never_served = {"connect", "send", "reset", "eof"}
     dropped = [f for f in result.failures if f.request_on_conn > 0 or f.kind not in never_served]
