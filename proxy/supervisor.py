@@ -7,12 +7,11 @@ instance on the address of a running one exits 4 instead of joining its SO_REUSE
 listens from then on; every other slot socket is bound here but put into listening state by its
 first worker (uvloop's `create_server` calls listen): only then does it join the kernel's
 SO_REUSEPORT group and get connections, so a socket added for a reload that then fails never held
-any. Workers are
-forked (the supervisor runs no threads and no event loop, so fork is safe) and report through a
-status pipe in framed messages (`proxy.ipc`: ready, heartbeat, boot error or fatal error with
-its reason), decoded incrementally per worker; a corrupt stream gets the worker killed. Signal
-handlers only enqueue; the main loop (a `selectors` loop that also serves the admin listener)
-dispatches `handle_<signal>`:
+any. Workers are forked (the supervisor runs no threads and no event loop, so fork is safe) and
+report through a status pipe in framed messages (`proxy.ipc`: ready, heartbeat, boot error or
+fatal error with its reason), decoded incrementally per worker; a corrupt stream gets the worker
+killed. Signal handlers only enqueue; the main loop (a `selectors` loop that also serves the admin
+listener) dispatches `handle_<signal>`:
 - SIGCHLD: reap, reading the worker's last messages first. A worker that dies before it reported
   ready, or exits 3 (`worker.EXIT_BOOT_ERROR`), failed to boot: the supervisor stops (exit 3) with
   its reason instead of a crash loop. One of the current generation that dies after ready (exit
@@ -331,8 +330,8 @@ class Supervisor:
 
     def _on_ready(self, worker_: Worker) -> None:
         if self.draining:
-            # A worker that was still booting when the stop began listened again (listen() after a
-            # shutdown re-opens the socket); it has its SIGTERM already.
+            # Its socket may not have been listening yet when the stop began (shutdown cannot act on
+            # it then), and listens now: take it out again. The worker has its SIGTERM already.
             self._stop_listening()
             return
         reload = self.reload
@@ -548,12 +547,16 @@ class Supervisor:
     def _stop_listening(self) -> None:
         """Take every slot socket out of listening state, for the workers too: a new connection is
         refused at once (a load balancer retries elsewhere) instead of waiting in a queue that no
-        worker serves any more, to be reset at exit. shutdown(SHUT_RD) acts on the socket, not on
-        this process's descriptor, so it stops listening for every process holding it (closing our
-        descriptor would not). uvloop in a worker does not fail on it: it gets no more connections
-        (its accept fails quietly) and closes its server at the SIGTERM sent just before. Connections
-        already accepted are not touched. Socket-activated listeners are systemd's, which keeps
-        listening after we exit and starts us again for what waits there: they are left alone."""
+        worker serves any more, to be reset at exit.
+
+        shutdown(SHUT_RD) acts on the socket, not on this process's descriptor, so it stops listening
+        for every process holding it (closing our descriptor would not); connections already accepted
+        are not touched, those still queued are reset, and a later listen() cannot revive it. A
+        socket that is not listening yet (its worker still booting) is not affected: `_on_ready` calls
+        this again. uvloop in a worker logs nothing and does not crash, but polls the dead socket in a
+        busy loop until the worker closes its server, which it does on its SIGTERM: so workers are
+        signalled first. Socket-activated listeners are systemd's, which keeps listening after we
+        exit and starts us again for what waits there: they are left alone."""
         for sock in {id(slot.sock): slot.sock for slot in self.slots}.values():
             if sock not in self.inherited:
                 with contextlib.suppress(OSError):

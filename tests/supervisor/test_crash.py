@@ -12,6 +12,7 @@ from pathlib import Path
 from devstack import ProxyFactory, ProxyService, Service
 from devstack.procfs import pid_alive
 from tests.supervisor.helpers import (
+    WRAP_REAL_UVLOOP,
     api_body,
     children,
     client_ports,
@@ -32,18 +33,10 @@ EXIT_CRASH = 70  # EX_SOFTWARE: what a worker exits with when an error ends it a
 
 # uvloop, except that SIGUSR1 makes the worker's `run_until_complete` cancel what it runs and raise:
 # an error escaping the worker's serve() after it reported ready, at the moment the test chooses.
-CRASHING_UVLOOP = """
-import asyncio, importlib.machinery, importlib.util, os, signal, sys
-
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.machinery.PathFinder.find_spec(
-    "uvloop", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-)
-_real = importlib.util.module_from_spec(_spec)
-_shadow = sys.modules[__name__]
-sys.modules["uvloop"] = _real  # the real package imports its submodules as uvloop.*
-_spec.loader.exec_module(_real)
-sys.modules["uvloop"] = _shadow
+CRASHING_UVLOOP = (
+    WRAP_REAL_UVLOOP
+    + """
+import signal
 
 
 class Loop(_real.Loop):
@@ -61,11 +54,8 @@ class Loop(_real.Loop):
             raise RuntimeError("Redis connection lost (test: crash after ready)")
 
         return super().run_until_complete(until_crash())
-
-
-def new_event_loop():
-    return Loop()
 """
+)
 
 
 def _wait_replacement(proxy: ProxyService, victim: int, slot: int = 0) -> int:

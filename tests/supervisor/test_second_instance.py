@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import socket
 
 from devstack import ProxyFactory, ProxyService, RawHTTPConnection, Service
 from devstack.rawhttp import build_request
@@ -14,6 +13,7 @@ from tests.supervisor.helpers import (
     api_body,
     children,
     config,
+    connect_refused,
     echoed_via,
     get,
     listening_addresses,
@@ -96,14 +96,6 @@ def test_restart_on_the_same_port_is_not_refused(proxy_factory: ProxyFactory, ba
     _serves_everything(second, backend_stub)
 
 
-def _refused(proxy: ProxyService) -> bool:
-    try:
-        socket.create_connection((proxy.host, proxy.port), timeout=2.0).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def test_a_new_instance_may_start_while_the_stopped_one_drains(
     proxy_factory: ProxyFactory, backend_stub: Service
 ) -> None:
@@ -119,7 +111,7 @@ def test_a_new_instance_may_start_while_the_stopped_one_drains(
         conn.send(request[:-1000])
         wait_backend_count(backend_stub, "connections_accepted", accepted, 1)  # the proxy forwards it
         first.send_signal(signal.SIGTERM)
-        wait_until(lambda: _refused(first), 5.0, "the stopping instance refusing connections", first)
+        wait_until(lambda: connect_refused(first), 5.0, "the stopping instance refusing connections", first)
 
         second = proxy_factory(config(), workers=2, listen_port=port)
         assert first.exit_status() is None, "the first instance is still draining"
