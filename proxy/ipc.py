@@ -7,17 +7,18 @@ Theory of operation: a pipe is a byte stream, so each message is one frame
 
 and nothing is ever inferred from what a payload contains (a boot error's text may hold any byte,
 newlines and the bytes of a frame header included). A frame is at most `MAX_FRAME` = PIPE_BUF
-bytes (4096 on Linux): POSIX makes a write of at most PIPE_BUF bytes to a pipe atomic, and on a non-blocking
-pipe all or nothing (EAGAIN when it does not fit). So the worker, which never blocks on the pipe,
-never writes part of a frame: a message is delivered whole or (pipe full: a supervisor that stopped
-reading) not at all. The encoder enforces the bound; text payloads are cut to fit, marked with "…".
+bytes (4096 on Linux): POSIX makes a write of at most PIPE_BUF bytes to a pipe atomic, and on a
+non-blocking pipe all or nothing (EAGAIN when it does not fit). So the worker, which never blocks
+on the pipe, never writes part of a frame: a message is delivered whole or (pipe full: a
+supervisor that stopped reading) not at all. The encoder enforces the bound; text payloads are
+cut to fit, marked with "…".
 
 The decoder takes whatever one read returned (part of a frame, several frames) and returns the
 complete messages in order; it holds at most one incomplete frame. A length above the bound cannot
 come from the encoder: the stream is out of step and nothing after it can be trusted, so `feed`
 raises `FrameError` (carrying the messages completed before the bad frame), and again on every
-later call. Kinds the reader does not know are returned like
-the others, so that new kinds (stats, say) can be added on the worker side first and ignored.
+later call. Kinds the reader does not know are returned like the others, so that new kinds (stats,
+say) can be added on the worker side first and ignored by the supervisor until it knows them.
 """
 
 from __future__ import annotations

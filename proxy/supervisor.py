@@ -250,7 +250,7 @@ class Supervisor:
                 os.close(read_fd)
                 self._child_cleanup(slot)
                 code = worker.run(config, slot.sock, slot.index, write_fd, parent)
-            except BaseException as exc:  # never return into the supervisor's stack (run itself never raises)
+            except BaseException as exc:  # never return into the supervisor's stack (cleanup failed, or a bad fd)
                 with contextlib.suppress(OSError):
                     os.write(write_fd, ipc.boot_error(f"{type(exc).__name__}: {exc}"))
             finally:

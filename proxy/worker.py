@@ -6,10 +6,10 @@ framed messages (`proxy.ipc`): ready once it serves, then a heartbeat about once
 error before ready is a boot failure: the worker sends its reason and exits `EXIT_BOOT_ERROR` (3),
 so the supervisor stops instead of restarting it in a loop. An error after ready is a crash: it
 sends the reason and exits `EXIT_CRASH` (70, EX_SOFTWARE), and the supervisor replaces it with
-backoff. SIGTERM drains: stop accepting (the supervisor keeps the socket and its queue open, and
-on a stop also takes it out of listening state), let in-flight exchanges finish with
-`Connection: close`, close idle connections, exit 0 when none is left or at `drain_timeout`.
-SIGINT is ignored: the supervisor decides when workers stop.
+backoff. SIGTERM drains: stop accepting (on a reload the supervisor keeps the socket and its
+queue for the next worker; on a stop it takes the socket out of listening state), let in-flight
+exchanges finish with `Connection: close`, close idle connections, exit 0 when none is left or at
+`drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def run(config: Config, sock: socket.socket, slot: int, status_fd: int, parent: int) -> int:
-    """Entry point in the forked child; returns the process exit code and never raises."""
+    """Entry point in the forked child; returns the process exit code (raises only if `status_fd` is bad)."""
     status = StatusPipe(status_fd)
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
