@@ -3,7 +3,9 @@
 Every problem is collected (not just the first) as (key, value, reason) and raised together in
 one `ConfigError`. Durations accept numbers of seconds or strings such as "250ms", "10s", "2m";
 sizes accept integers of bytes or strings such as "16KiB", "10MiB", "1MB". Environment
-overrides for containers are applied in `apply_env`, the only place that reads the environment.
+overrides for containers are applied in `apply_env`, the only place that reads the environment;
+a problem with an overridden value is reported under the variable's name ("UVGATE_WORKERS
+(server.workers)"), not as the file's.
 """
 
 from __future__ import annotations
@@ -509,12 +511,18 @@ def load(path: str, env: Mapping[str, str] | None = None, workers: int | None = 
         raise ConfigError([(path, None, f"cannot read: {exc.strerror or exc}")]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(path, None, f"invalid TOML: {exc}")]) from exc
-    data = apply_env(data, os.environ if env is None else env)
+    overridden = apply_env(data, os.environ if env is None else env)
     if workers is not None:
         data.setdefault("server", {})
         if isinstance(data["server"], dict):
             data["server"]["workers"] = workers
-    return build(data, source=os.path.abspath(path))
+            overridden.pop("server.workers", None)
+    try:
+        return build(data, source=os.path.abspath(path))
+    except ConfigError as exc:
+        # A value that came from the environment is reported under its variable, not as the file's.
+        problems = [(_origin(key, overridden), value, reason) for key, value, reason in exc.problems]
+        raise ConfigError(problems) from None
 
 
 ENV_OVERRIDES = {
@@ -525,8 +533,10 @@ ENV_OVERRIDES = {
 }
 
 
-def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Apply the documented UVGATE_* overrides (the only environment reads of the project)."""
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply the documented UVGATE_* overrides to `data` in place (the only environment reads of the
+    project); returns the keys overridden, e.g. {"server.workers": "UVGATE_WORKERS"}."""
+    overridden: dict[str, str] = {}
     for var, (section, key, kind) in ENV_OVERRIDES.items():
         if var not in env:
             continue
@@ -537,8 +547,15 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         try:
             table[key] = kind(raw)
         except ValueError:
-            table[key] = raw  # validation reports it with the key name
-    return data
+            table[key] = raw  # validation reports it, under the variable's name
+        overridden[f"{section}.{key}"] = var
+    return overridden
+
+
+def _origin(key: str, overridden: Mapping[str, str]) -> str:
+    """How a problem's key is reported: "UVGATE_WORKERS (server.workers)" for an overridden key."""
+    var = overridden.get(key)
+    return key if var is None else f"{var} ({key})"
 
 
 def with_listen(config: Config, listen: Address) -> Config:

@@ -2,25 +2,35 @@
 
 Theory of operation: one SO_REUSEPORT listening socket per worker slot is bound here and never
 closed while the service runs, so connections queued on a slot wait for its next worker instead
-of being reset. A slot socket is bound here but put into listening state by its first worker
-(uvloop's `create_server` calls listen): only then does it join the kernel's SO_REUSEPORT group
-and get connections, so a socket added for a reload that then fails never held any. Workers are
-forked (the supervisor runs no threads and no event loop, so fork is safe) and report through a
-pipe: `R` ready, `.` heartbeat, `E<reason>` boot failure. Signal handlers only enqueue; the main
-loop (a `selectors` loop that also serves the admin listener) dispatches `handle_<signal>`:
-- SIGCHLD: reap; a worker of the current generation that dies after being ready is replaced on
-  its slot with exponential backoff; one that dies before ever being ready stops the supervisor
-  (exit 3) with its reason, instead of a crash loop.
+of being reset. At startup the address is probed without SO_REUSEPORT (`probe_listen`): a second
+instance on the address of a running one exits 4 instead of joining its SO_REUSEPORT group. Slot 0
+listens from then on; every other slot socket is bound here but put into listening state by its
+first worker (uvloop's `create_server` calls listen): only then does it join the kernel's
+SO_REUSEPORT group and get connections, so a socket added for a reload that then fails never held
+any. Workers are forked (the supervisor runs no threads and no event loop, so fork is safe) and
+report through a status pipe in framed messages (`proxy.ipc`: ready, heartbeat, boot error or
+fatal error with its reason), decoded incrementally per worker; a corrupt stream gets the worker
+killed. Signal handlers only enqueue; the main loop (a `selectors` loop that also serves the admin
+listener) dispatches `handle_<signal>`:
+- SIGCHLD: reap, reading the worker's last messages first. A worker that dies before it reported
+  ready, or exits 3 (`worker.EXIT_BOOT_ERROR`), failed to boot: the supervisor stops (exit 3) with
+  its reason instead of a crash loop. One of the current generation that dies after ready (exit
+  70 `worker.EXIT_CRASH` for an error, or a signal) crashed: it is replaced on its slot with
+  exponential backoff.
 - SIGHUP: re-read the config. Invalid: log and keep serving. Valid: fork a new generation on the
   same slot sockets; when every new worker is ready, SIGTERM (drain) the old ones. If a new worker
   fails to boot, the new generation is killed and the old one keeps serving.
-- SIGTERM/SIGINT: SIGTERM every worker (they drain), wait up to drain_timeout + grace, SIGKILL
-  what is left, exit 0.
+- SIGTERM/SIGINT: SIGTERM every worker (they drain), then stop listening (shutdown(SHUT_RD) of
+  every slot socket, which acts for the workers too): new connections are refused at once while
+  in-flight requests finish (a reload, unlike a stop, keeps every queue for the next generation).
+  Wait up to drain_timeout + grace, SIGKILL what is left, exit 0. Socket-activated listeners are
+  systemd's and keep listening: what connects meanwhile waits for the next start.
 A worker silent for `heartbeat_timeout` is killed and replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,7 +41,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from proxy import __version__, compiled, worker
+from proxy import __version__, compiled, ipc, worker
 from proxy import config as config_mod
 from proxy.admin import AdminServer, json_response
 from proxy.config import Address, Config
@@ -45,6 +55,7 @@ EXIT_BIND_FAILURE = 4
 BOOT_TIMEOUT = 30.0
 KILL_GRACE = 5.0
 STABLE_AFTER = 10.0  # a worker alive this long resets its slot's backoff
+STATUS_READ_SIZE = 65536  # a pipe's capacity: one read takes all that is there
 
 
 @dataclass(eq=False)
@@ -59,6 +70,7 @@ class Worker:
     last_beat: float = 0.0
     error: str = ""
     stop_deadline: float = 0.0  # a stopping worker still alive then gets SIGKILL
+    decoder: ipc.Decoder = field(default_factory=ipc.Decoder)  # the status pipe's frames
 
 
 @dataclass
@@ -98,6 +110,20 @@ def bind_listener(address: Address, backlog: int, *, reuse_port: bool = True, li
         sock.close()
         raise
     return sock
+
+
+def probe_listen(address: Address) -> None:
+    """Raise OSError ("cannot listen on ADDRESS: Address already in use") if a socket listens on `address`.
+
+    The slot sockets use SO_REUSEPORT, and a second uvgate's SO_REUSEPORT sockets would join the
+    first one's group and take part of its traffic instead of failing to bind. So the address is
+    bound once without SO_REUSEPORT first: that fails if anything listens on it (another uvgate
+    included), and, with SO_REUSEADDR, not for what an instance that stopped leaves behind (TIME_WAIT,
+    connections its workers still drain). Residual race: two instances starting together can both
+    pass the probe before either listens. The caller makes slot 0 listen right after its probe, so
+    the window is the few microseconds between the two calls.
+    """
+    bind_listener(address, 1, reuse_port=False, listen=False).close()
 
 
 SD_LISTEN_FDS_START = 3
@@ -177,7 +203,12 @@ class Supervisor:
                 self.config = replace(self.config, server=replace(server, workers=count))
             self.slots = [Slot(index, self.inherited[index % len(self.inherited)]) for index in range(count)]
         else:
-            first = bind_listener(server.listen, server.backlog, listen=False)
+            if server.listen.port != 0:
+                probe_listen(server.listen)
+            # Slot 0 listens at once, so that from here on another instance's probe sees this one:
+            # connections made before worker 0 serves wait in its queue (the other slots listen when
+            # their workers start, see the top).
+            first = bind_listener(server.listen, server.backlog)
             self.listen = Address(server.listen.host, first.getsockname()[1])
             self.slots = [Slot(0, first)]
             for index in range(1, server.workers):
@@ -219,11 +250,9 @@ class Supervisor:
                 os.close(read_fd)
                 self._child_cleanup(slot)
                 code = worker.run(config, slot.sock, slot.index, write_fd, parent)
-            except BaseException as exc:  # never return into the supervisor's stack
-                try:
-                    os.write(write_fd, b"E" + f"{type(exc).__name__}: {exc}".encode())
-                except OSError:
-                    pass
+            except BaseException as exc:  # never return into the supervisor's stack (cleanup failed, or a bad fd)
+                with contextlib.suppress(OSError):
+                    os.write(write_fd, ipc.boot_error(f"{type(exc).__name__}: {exc}"))
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -256,24 +285,39 @@ class Supervisor:
                 os.close(fd)
         self.selector.close()
 
-    def _read_status(self, worker_: Worker) -> None:
+    def _read_status(self, worker_: Worker) -> bool:
+        """Read a worker's status pipe once and act on the messages completed; False once nothing more
+        is there now (the pipe is empty, or closed at end of stream or on a corrupt one)."""
         try:
-            data = os.read(worker_.pipe, 4096)
+            data = os.read(worker_.pipe, STATUS_READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._close_pipe(worker_)
-            return
-        now = time.monotonic()
-        worker_.last_beat = now
-        if b"E" in data:
-            worker_.error = data[data.index(b"E") + 1 :].decode("utf-8", "replace").strip()
-        if b"R" in data and not worker_.ready:
+            return False
+        worker_.last_beat = time.monotonic()
+        try:
+            messages = worker_.decoder.feed(data)
+        except ipc.FrameError as exc:
+            log.error("worker %d (slot %d): corrupt status pipe (%s); killing it", worker_.pid, worker_.slot, exc)
+            self._close_pipe(worker_)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_.pid, signal.SIGKILL)
+            messages = exc.messages
+        for message in messages:
+            self._on_message(worker_, message)
+        return worker_.pipe >= 0
+
+    def _on_message(self, worker_: Worker, message: ipc.Message) -> None:
+        if message.kind in (ipc.Kind.BOOT_ERROR, ipc.Kind.FATAL):
+            worker_.error = message.text.strip()
+        elif message.kind == ipc.Kind.READY and not worker_.ready:
             worker_.ready = True
             log.info("worker %d (slot %d) ready", worker_.pid, worker_.slot)
             self._on_ready(worker_)
+        # HEARTBEAT: reading it refreshed last_beat. Kinds this supervisor does not know: ignored.
 
     def _close_pipe(self, worker_: Worker) -> None:
         if worker_.pipe >= 0:
@@ -285,6 +329,11 @@ class Supervisor:
             worker_.pipe = -1
 
     def _on_ready(self, worker_: Worker) -> None:
+        if self.draining:
+            # Its socket may not have been listening yet when the stop began (shutdown cannot act on
+            # it then), and listens now: take it out again. The worker has its SIGTERM already.
+            self._stop_listening()
+            return
         reload = self.reload
         if reload is not None and worker_.generation == reload.generation:
             if all(w.ready for w in reload.workers):
@@ -325,17 +374,18 @@ class Supervisor:
             worker_ = self.workers.pop(pid, None)
             if worker_ is None:
                 continue  # not ours (we may be PID 1): reaped quietly
-            if worker_.pipe >= 0:
-                self._read_status(worker_)  # collect a last `E<reason>` before the pipe closes
+            while worker_.pipe >= 0 and self._read_status(worker_):
+                pass  # its last messages (the reason it exited) up to the end of the stream
             self._close_pipe(worker_)
             self._worker_exited(worker_, status)
 
     def _worker_exited(self, worker_: Worker, status: int) -> None:
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             how = f"killed by {signal.Signals(sig).name}" + (" (out of memory?)" if sig == signal.SIGKILL else "")
         else:
-            how = f"exit code {os.WEXITSTATUS(status)}"
+            how = f"exit code {code}"
         if worker_.stopping:
             log.info("worker %d (slot %d) stopped: %s", worker_.pid, worker_.slot, how)
             return
@@ -347,7 +397,7 @@ class Supervisor:
             return
         if self.draining:
             return
-        if not worker_.ready:
+        if not worker_.ready or code == worker.EXIT_BOOT_ERROR:
             log.error("worker %d (slot %d) failed to boot (%s)%s; stopping", worker_.pid, worker_.slot, how, reason)
             self.exit_code = EXIT_BOOT_FAILURE
             self.begin_shutdown()
@@ -480,6 +530,7 @@ class Supervisor:
     # ------------------------------------------------------------------ shutdown
 
     def begin_shutdown(self) -> None:
+        """Stop: drain every worker and stop listening (a reload does neither: see handle_sighup)."""
         if self.draining:
             return
         self.draining = True
@@ -487,6 +538,29 @@ class Supervisor:
         sd_notify(self.notify_socket, "STOPPING=1")
         for w in list(self.workers.values()):
             self.stop_worker(w)
+        self._stop_listening()
+        if self.inherited:
+            log.info("stopping: the listeners are systemd's; new connections wait there for the next start")
+        else:
+            log.info("stopping: no longer listening on %s, new connections are refused", self.listen)
+
+    def _stop_listening(self) -> None:
+        """Take every slot socket out of listening state, for the workers too: a new connection is
+        refused at once (a load balancer retries elsewhere) instead of waiting in a queue that no
+        worker serves any more, to be reset at exit.
+
+        shutdown(SHUT_RD) acts on the socket, not on this process's descriptor, so it stops listening
+        for every process holding it (closing our descriptor would not); connections already accepted
+        are not touched, those still queued are reset, and a later listen() cannot revive it. A
+        socket that is not listening yet (its worker still booting) is not affected: `_on_ready` calls
+        this again. uvloop in a worker logs nothing and does not crash, but polls the dead socket in a
+        busy loop until the worker closes its server, which it does on its SIGTERM: so workers are
+        signalled first. Socket-activated listeners are systemd's, which keeps listening after we
+        exit and starts us again for what waits there: they are left alone."""
+        for sock in {id(slot.sock): slot.sock for slot in self.slots}.values():
+            if sock not in self.inherited:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
 
     # ------------------------------------------------------------------ admin
 

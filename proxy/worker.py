@@ -1,18 +1,20 @@
 """Worker process boot: uvloop, the slot's listening socket, the pipeline, then serve until drained.
 
 Theory of operation: the supervisor forks a worker with its slot socket and the write end of a
-status pipe. The worker builds its state, starts serving, and writes `R` (ready) to the pipe,
-then `.` once per second as a heartbeat. A boot failure writes `E<reason>` and exits with
-`EXIT_BOOT_ERROR` so the supervisor can stop instead of restarting in a loop. SIGTERM drains:
-stop accepting (the supervisor keeps the socket and its queue open), let in-flight exchanges
-finish with `Connection: close`, close idle connections, exit when none is left or at
+status pipe. The worker builds its state, starts serving, and reports through `StatusPipe`, in
+framed messages (`proxy.ipc`): ready once it serves, then a heartbeat about once a second. An
+error before ready is a boot failure: the worker sends its reason and exits `EXIT_BOOT_ERROR` (3),
+so the supervisor stops instead of restarting it in a loop. An error after ready is a crash: it
+sends the reason and exits `EXIT_CRASH` (70, EX_SOFTWARE), and the supervisor replaces it with
+backoff. SIGTERM drains: stop accepting (on a reload the supervisor keeps the socket and its
+queue for the next worker; on a stop it takes the socket out of listening state), let in-flight
+exchanges finish with `Connection: close`, close idle connections, exit 0 when none is left or at
 `drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import logging
@@ -21,6 +23,7 @@ import signal
 import socket
 import traceback
 
+from proxy import ipc
 from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.gateway import Gateway
@@ -30,7 +33,8 @@ from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
 
 EXIT_OK = 0
-EXIT_BOOT_ERROR = 3
+EXIT_BOOT_ERROR = 3  # failed before reporting ready
+EXIT_CRASH = 70  # EX_SOFTWARE: an error ended the worker after it reported ready
 GC_THRESHOLD = 20_000
 PR_SET_PDEATHSIG = 1
 
@@ -38,21 +42,42 @@ log = logging.getLogger("uvgate.worker")
 
 
 class StatusPipe:
-    """The worker's end of the status pipe to the supervisor; writes never block or raise."""
+    """The worker's end of the status pipe (framed: `proxy.ipc`); sends never block or raise.
+
+    Each frame fits in one atomic pipe write, so a send delivers a whole message or, when the pipe
+    is full (a supervisor that stopped reading) or gone, nothing.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
         self._last_beat = 0.0
+        self.serving = False  # ready() was called: from then on, an error is a crash, not a boot failure
 
-    def send(self, message: bytes) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self.fd, message)
+    def _send(self, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+        except OSError:
+            pass
+
+    def ready(self) -> None:
+        """The worker serves its slot."""
+        self.serving = True
+        self._send(ipc.ready())
 
     def heartbeat(self, now: float) -> None:
+        """Called on every tick; sends at most one heartbeat a second."""
         if now - self._last_beat >= 1.0:
             self._last_beat = now
-            self.send(b".")
+            self._send(ipc.heartbeat())
+
+    def boot_error(self, reason: str) -> None:
+        """Why the worker could not start (it exits EXIT_BOOT_ERROR next)."""
+        self._send(ipc.boot_error(reason))
+
+    def fatal(self, reason: str) -> None:
+        """The error that ends a worker after ready (it exits EXIT_CRASH next)."""
+        self._send(ipc.fatal(reason))
 
 
 async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPipe) -> None:
@@ -86,7 +111,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    status.send(b"R")
+    status.ready()
     log.debug("worker %d serving on %s", slot, config.server.listen)
     await stop
     server.close()  # stops accepting; the supervisor's copy of the socket keeps the queue alive
@@ -112,27 +137,33 @@ def _die_with_parent(parent: int) -> None:
 
 
 def run(config: Config, sock: socket.socket, slot: int, status_fd: int, parent: int) -> int:
-    """Entry point in the forked child; returns the process exit code."""
-    import uvloop
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent(parent)
+    """Entry point in the forked child; returns the process exit code (raises only if `status_fd` is bad)."""
     status = StatusPipe(status_fd)
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _die_with_parent(parent)
+        import uvloop  # here, not at the top: only workers need it, and failing to import it is a boot error
+
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-    except Exception as exc:  # pragma: no cover - import/environment failures
-        status.send(b"E" + f"event loop: {exc}".encode())
+        try:
+            loop.run_until_complete(serve(config, sock, slot, status))
+        finally:
+            loop.close()
+    except BaseException as exc:  # the child must end here, never unwind into the supervisor's code
+        reason = f"{type(exc).__name__}: {exc}"
+        if status.serving:
+            log.error("worker %d (slot %d) crashed after ready:\n%s", os.getpid(), slot, _trace(exc))
+            status.fatal(reason)
+            return EXIT_CRASH
+        log.error("worker %d (slot %d) could not start:\n%s", os.getpid(), slot, _trace(exc))
+        status.boot_error(reason)
         return EXIT_BOOT_ERROR
-    try:
-        loop.run_until_complete(serve(config, sock, slot, status))
-    except Exception as exc:
-        status.send(b"E" + f"{type(exc).__name__}: {exc}".encode())
-        log.error("worker %d failed: %s", slot, "".join(traceback.format_exception(exc)))
-        return EXIT_BOOT_ERROR
-    finally:
-        loop.close()
     return EXIT_OK
+
+
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()

@@ -36,14 +36,20 @@ def backend_requests(backend: Service) -> int:
 def wait_backend_requests(backend: Service, before: int, count: int, timeout: float = IO_TIMEOUT) -> None:
     """Wait until `count` requests besides our own /stats polls reached the backend since `before`
     (a `backend_requests()` value)."""
+    wait_backend_count(backend, "requests", before, count, timeout)
+
+
+def wait_backend_count(backend: Service, counter: str, before: int, count: int, timeout: float = IO_TIMEOUT) -> None:
+    """Wait until backend_stub's `counter` ("requests" or "connections_accepted": each /stats poll
+    adds one to both) grew by `count` besides our own polls since `before` (its value then)."""
     deadline = time.monotonic() + timeout
     polls = 0
     while True:
         polls += 1
-        seen = backend_requests(backend) - before - polls
+        seen = backend_stats(backend)[counter] - before - polls
         if seen >= count:
             return
-        assert time.monotonic() < deadline, f"the backend saw {seen} of {count} requests in time"
+        assert time.monotonic() < deadline, f"the backend's {counter} grew by {seen} of {count} in time"
         time.sleep(0.01)
 
 

@@ -14,9 +14,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from devstack import ProxyService, Service, http_get, http_request, raw_request
+from devstack.stack import PROJECT_ROOT
 from devstack.tomlwriter import dump
 
 T = TypeVar("T")
@@ -56,6 +58,34 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, ser
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{tail}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def shadow_env(shadow: Path) -> dict[str, str]:
+    """Environment for a proxy in which the modules written into `shadow` (created here) hide the real
+    ones: fault injection into the workers, e.g. a `uvloop.py` that raises at import."""
+    shadow.mkdir(exist_ok=True)
+    return {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
+
+
+# The start of a shadow `uvloop.py` that wraps the real package: `_real` is the real uvloop, `_here` the
+# shadow directory; the rest of the file defines `class Loop(_real.Loop)`, which `new_event_loop()` returns.
+WRAP_REAL_UVLOOP = """
+import asyncio, importlib.machinery, importlib.util, os, sys, time
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "uvloop", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+)
+_real = importlib.util.module_from_spec(_spec)
+_shadow = sys.modules[__name__]
+sys.modules["uvloop"] = _real  # the real package imports its submodules as uvloop.*
+_spec.loader.exec_module(_real)
+sys.modules["uvloop"] = _shadow
+
+
+def new_event_loop():
+    return Loop()
+"""
 
 
 def log_matches(service: ProxyService, pattern: str) -> list[re.Match[str]]:
@@ -117,6 +147,15 @@ def get(
     """One request through the proxy on a fresh connection: (status, lower-cased headers, body)."""
     response = raw_request(service.host, service.port, "GET", target, timeout=timeout)
     return response.status, {k.lower(): v for k, v in response.headers}, response.body
+
+
+def connect_refused(service: ProxyService) -> bool:
+    """True if a new connection to the proxy is refused; one the kernel accepts is closed again."""
+    try:
+        socket.create_connection((service.host, service.port), timeout=2.0).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def echoed_via(service: ProxyService) -> str | None:

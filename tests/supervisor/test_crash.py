@@ -7,16 +7,19 @@ import re
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 from devstack import ProxyFactory, ProxyService, Service
 from devstack.procfs import pid_alive
 from tests.supervisor.helpers import (
+    WRAP_REAL_UVLOOP,
     api_body,
     children,
     client_ports,
     config,
     get,
     readyz,
+    shadow_env,
     slot_workers,
     wait_for_log,
     wait_ready,
@@ -26,6 +29,33 @@ from tests.supervisor.helpers import (
 from tests.supervisor.load import CONNECTION_ERRORS, LoadGenerator
 
 CONNECTIONS = 8
+EXIT_CRASH = 70  # EX_SOFTWARE: what a worker exits with when an error ends it after it reported ready
+
+# uvloop, except that SIGUSR1 makes the worker's `run_until_complete` cancel what it runs and raise:
+# an error escaping the worker's serve() after it reported ready, at the moment the test chooses.
+CRASHING_UVLOOP = (
+    WRAP_REAL_UVLOOP
+    + """
+import signal
+
+
+class Loop(_real.Loop):
+    def run_until_complete(self, future):
+        crash = self.create_future()
+        self.add_signal_handler(signal.SIGUSR1, lambda: crash.done() or crash.set_result(None))
+
+        async def until_crash():
+            task = asyncio.ensure_future(future)
+            await asyncio.wait([task, crash], return_when=asyncio.FIRST_COMPLETED)
+            if not crash.done():
+                return task.result()
+            task.cancel()
+            await asyncio.wait([task])
+            raise RuntimeError("Redis connection lost (test: crash after ready)")
+
+        return super().run_until_complete(until_crash())
+"""
+)
 
 
 def _wait_replacement(proxy: ProxyService, victim: int, slot: int = 0) -> int:
@@ -112,3 +142,34 @@ def test_repeated_crashes_of_one_slot_are_restarted_with_backoff(
         status, _, body = get(proxy)
         assert status == 200, body
     assert "failed to boot" not in log
+
+
+def test_crash_after_ready_is_restarted_not_taken_for_a_boot_failure(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """An error that ends a worker after it reported ready exits 70, not 3 (boot failure): the worker
+    is replaced with backoff, the supervisor names the exit code and the reason, and keeps serving."""
+    shadow = tmp_path / "shadow"
+    env = shadow_env(shadow)
+    (shadow / "uvloop.py").write_text(CRASHING_UVLOOP)
+    proxy = proxy_factory(config(), workers=2, env=env)
+    workers = slot_workers(proxy)
+    victim, survivor = workers[0], workers[1]
+    for _ in range(4):
+        status, _, body = get(proxy)
+        assert status == 200, body
+
+    os.kill(victim, signal.SIGUSR1)
+    died = wait_for_log(proxy, rf"worker {victim} \(slot 0\) died \(exit code (\d+)\): (.*); restarting in")
+    assert died[0][1] == str(EXIT_CRASH), proxy.read_log()
+    assert died[0][2] == "RuntimeError: Redis connection lost (test: crash after ready)", proxy.read_log()
+    replacement = _wait_replacement(proxy, victim)
+    wait_for_log(proxy, rf"worker {replacement} \(slot 0\) ready")
+    wait_ready(proxy, 5.0)
+    assert proxy.exit_status() is None, "a crash after ready must not stop the supervisor"
+    assert not pid_alive(victim)
+    assert children(proxy) == {replacement, survivor}
+    for _ in range(4):  # fresh connections are spread over both slots
+        status, _, body = get(proxy)
+        assert status == 200, body
+    assert "failed to boot" not in proxy.read_log()

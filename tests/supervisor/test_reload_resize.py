@@ -8,9 +8,18 @@ import time
 from pathlib import Path
 
 from devstack import ProxyFactory, RawHTTPConnection, Service
-from devstack.stack import PROJECT_ROOT
 
-from .helpers import children, config, log_matches, readyz, wait_for_log, wait_until, worker_starts, write_config
+from .helpers import (
+    children,
+    config,
+    log_matches,
+    readyz,
+    shadow_env,
+    wait_for_log,
+    wait_until,
+    worker_starts,
+    write_config,
+)
 
 
 def test_reload_to_fewer_then_more_workers(proxy_factory: ProxyFactory, backend_stub: Service) -> None:
@@ -48,8 +57,7 @@ def test_failed_reload_to_more_workers_strands_no_connection(
     made meanwhile must all reach the old worker: a socket only joins the SO_REUSEPORT group when a
     worker listens on it, so none can be queued on the added socket and reset when it closes."""
     shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    env = {"PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)])}
+    env = shadow_env(shadow)
     proxy = proxy_factory(config(workers=1), workers=None, env=env)
     (old,) = children(proxy)
 

@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 from devstack import ProxyFactory, RawHTTPConnection, Service, free_port, http_get
-from devstack.procfs import pid_alive
+from devstack.procfs import cpu_seconds, pid_alive
 from proxy.config import ServerConfig, load
 from tests.helpers import backend_requests, wait_backend_requests
 from tests.supervisor.helpers import (
+    WRAP_REAL_UVLOOP,
     admin,
     api_body,
     children,
     config,
+    connect_refused,
     listening_addresses,
+    shadow_env,
     wait_for_log,
     wait_until,
 )
@@ -37,6 +40,16 @@ def _start_delayed(conn: RawHTTPConnection, backend: Service) -> float:
     return sent
 
 
+def _read_delayed(conn: RawHTTPConnection, backend: Service, sent: float) -> None:
+    """Read the answer to `_start_delayed`: the backend's, after the delay, closing the connection."""
+    response = conn.read_response(timeout=10.0)
+    elapsed = time.monotonic() - sent
+    assert response.status == 200, response
+    assert response.body == api_body(backend)
+    assert (response.header("connection") or "").lower() == "close", response.headers
+    assert elapsed >= DELAY_MS / 1000 * 0.9, f"answered after {elapsed:.2f}s: not the delayed response?"
+
+
 def test_sigterm_completes_the_request_in_flight_then_exits_0(
     proxy_factory: ProxyFactory, backend_stub: Service
 ) -> None:
@@ -48,12 +61,7 @@ def test_sigterm_completes_the_request_in_flight_then_exits_0(
         proxy.send_signal(signal.SIGTERM)
         wait_for_log(proxy, r"SIGTERM: draining")
         assert proxy.exit_status() is None, "the supervisor waits for the request in flight"
-        response = conn.read_response(timeout=10.0)
-        elapsed = time.monotonic() - sent
-        assert response.status == 200, response
-        assert response.body == api_body(backend_stub)
-        assert (response.header("connection") or "").lower() == "close", response.headers
-        assert elapsed >= DELAY_MS / 1000 * 0.9, f"answered after {elapsed:.2f}s: not the delayed response?"
+        _read_delayed(conn, backend_stub, sent)
         assert conn.closed_by_peer(5.0), "the draining worker closes the connection after the response"
     assert proxy.wait(15.0) == 0, proxy.read_log()
     log = proxy.read_log()
@@ -62,6 +70,83 @@ def test_sigterm_completes_the_request_in_flight_then_exits_0(
         assert f"worker {pid} (slot" in log and not pid_alive(pid)
     assert "drain_timeout reached" not in log and "did not stop in time" not in log
     assert proxy.process.group_pids() == [], "no worker process remains"
+
+
+def test_sigterm_refuses_new_connections_while_the_request_in_flight_completes(
+    proxy_factory: ProxyFactory, backend_stub: Service
+) -> None:
+    """On a stop the slot sockets stop listening at once: a new connection is refused (a load balancer
+    retries elsewhere) instead of waiting in a queue no worker serves any more, to be reset when the
+    supervisor exits. The request in flight still completes."""
+    proxy = proxy_factory(config(drain_timeout="10s"), workers=2)
+    workers = children(proxy)
+    assert not connect_refused(proxy)
+    with RawHTTPConnection(proxy.host, proxy.port, timeout=10.0) as conn:
+        sent = _start_delayed(conn, backend_stub)
+        proxy.send_signal(signal.SIGTERM)
+        wait_for_log(proxy, r"SIGTERM: draining")
+        wait_until(lambda: connect_refused(proxy), 1.5, "a new connection refused", proxy)
+        assert proxy.exit_status() is None, "refused during the drain, not because the supervisor is gone"
+        for _ in range(10):  # every new connection, whichever slot socket the kernel would have picked
+            assert connect_refused(proxy)
+
+        # The workers' listening sockets were shut down under them: they neither fail nor spin on them.
+        before = cpu_seconds(workers)
+        time.sleep(0.5)  # a measurement window, not a wait for a condition
+        assert cpu_seconds(workers) - before < 0.2, "draining workers busy while waiting for one response"
+
+        _read_delayed(conn, backend_stub, sent)
+    assert proxy.wait(15.0) == 0, proxy.read_log()
+    log = proxy.read_log()
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert proxy.process.group_pids() == []
+
+
+# uvloop whose create_server waits for a file `go` next to it (after writing `booting.<pid>`), and whose
+# worker lingers after its drain until a file `exit` exists: a stop can begin while workers boot, and the
+# supervisor stays up after they listened.
+SLOW_BOOT_UVLOOP = (
+    WRAP_REAL_UVLOOP
+    + """
+
+class Loop(_real.Loop):
+    async def create_server(self, *args, **kwargs):
+        open(os.path.join(_here, f"booting.{os.getpid()}"), "w").close()
+        while not os.path.exists(os.path.join(_here, "go")):
+            await asyncio.sleep(0.01)
+        return await super().create_server(*args, **kwargs)
+
+    def run_until_complete(self, future):
+        result = super().run_until_complete(future)
+        while not os.path.exists(os.path.join(_here, "exit")):
+            time.sleep(0.01)
+        return result
+"""
+)
+
+
+def test_a_stop_while_workers_boot_refuses_connections_once_they_listen(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """Only a listening socket can be shut down: a slot whose worker was still booting when the stop
+    began starts listening afterwards, and the supervisor shuts it down then (when the worker reports
+    ready), so connections are refused instead of queuing until the supervisor exits."""
+    shadow = tmp_path / "shadow"
+    env = shadow_env(shadow)
+    (shadow / "uvloop.py").write_text(SLOW_BOOT_UVLOOP)
+    proxy = proxy_factory(config(), workers=2, wait_ready=False, env=env)
+    wait_until(lambda: len(list(shadow.glob("booting.*"))) == 2, 15.0, "both workers creating their server", proxy)
+    proxy.send_signal(signal.SIGTERM)
+    wait_for_log(proxy, r"stopping: no longer listening")
+    (shadow / "go").touch()
+    wait_for_log(proxy, r"worker \d+ \(slot 0\) ready")
+    wait_for_log(proxy, r"worker \d+ \(slot 1\) ready")
+    wait_until(lambda: connect_refused(proxy), 1.5, "a new connection refused", proxy)
+    for _ in range(10):
+        assert connect_refused(proxy)
+    assert proxy.exit_status() is None, "the workers linger: the supervisor still holds the sockets"
+    (shadow / "exit").touch()
+    assert proxy.wait(15.0) == 0, proxy.read_log()
 
 
 def test_sigterm_under_load_ends_connections_cleanly(proxy_factory: ProxyFactory, backend_stub: Service) -> None:
@@ -77,9 +162,9 @@ def test_sigterm_under_load_ends_connections_cleanly(proxy_factory: ProxyFactory
     result = load.join()
     before_stop = [f for f in result.failures if f.at < stopped_at]
     assert before_stop == [], result.summary()
-    # Clients that reconnect after Connection: close land in an accept queue nobody serves any more; when
-    # the supervisor exits it closes the listeners, so those fresh connections are refused or reset (at
-    # connect, send or receive). That is inherent to stopping. What must not happen is a keep-alive
+    # Clients that reconnect after Connection: close are refused (the supervisor stops listening when the
+    # stop begins); one that connected just before lands in an accept queue nobody serves any more and is
+    # reset (at send or receive). That is inherent to stopping. What must not happen is a keep-alive
     # connection that a draining worker was serving being dropped under a request.
     never_served = {"connect", "send", "reset", "eof"}
     dropped = [f for f in result.failures if f.request_on_conn > 0 or f.kind not in never_served]

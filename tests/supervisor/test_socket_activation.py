@@ -8,11 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from devstack import Service, free_port, http_get, raw_request
+from devstack import RawHTTPConnection, Service, free_port, http_get, raw_request
 from devstack.process import Process
 from devstack.tomlwriter import dump
+from tests.helpers import backend_requests, wait_backend_requests
 
-from .helpers import config
+from .helpers import config, listening_addresses
 
 # What systemd does before starting the service: bind and listen, put the socket at fd 3, set
 # LISTEN_PID to the service's pid and LISTEN_FDS to the count, then exec the service.
@@ -72,7 +73,16 @@ def test_inherited_listener_is_served_by_every_worker(tmp_path: Path, backend_st
         for _ in range(20):
             response = raw_request("127.0.0.1", listen_port, "GET", "/api/resource")
             assert response.status == 200, response
-        process.send_signal(signal.SIGTERM)
+        # A stop leaves systemd's listener listening (systemd queues what comes meanwhile for the next
+        # start), unlike the supervisor's own listeners, which stop listening at once.
+        with RawHTTPConnection("127.0.0.1", listen_port, timeout=10.0) as conn:
+            before = backend_requests(backend_stub)
+            conn.request("GET", "/delay?ms=1500")
+            wait_backend_requests(backend_stub, before, 1)
+            process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "stopping: the listeners are systemd's" in process.read_log(), 10, "the stop")
+            assert listening_addresses(listen_port) == {("127.0.0.1", listen_port)}
+            assert conn.read_response().status == 200
         assert process.wait(20) == 0, process.read_log()
     finally:
         process.stop(10)

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from proxy.config import Address, build, load, parse_address, parse_duration, parse_size
+from proxy.config import ENV_OVERRIDES, Address, build, load, parse_address, parse_duration, parse_size
 from proxy.errors import ConfigError
 
 MINIMAL = {
@@ -117,7 +118,50 @@ def test_env_overrides_apply_in_one_place(tmp_path: Path) -> None:
     assert config.server.listen.port == 7000
     with pytest.raises(ConfigError) as info:
         load(str(path), env={"UVGATE_WORKERS": "many"})
-    assert info.value.problems[0][0] == "server.workers"
+    assert info.value.problems[0][0] == "UVGATE_WORKERS (server.workers)"
+
+
+VALID = (
+    '[server]\nlisten = "127.0.0.1:1"\nadmin_listen = "127.0.0.1:2"\n[upstreams.b]\nservers = ["127.0.0.1:3"]\n'
+    '[[routes]]\nprefix = "/"\nupstream = "b"\n'
+)
+
+# One bad value per override: (variable, value, the key it overrides, the reason reported).
+BAD_OVERRIDES = [
+    ("UVGATE_WORKERS", "abc", "server.workers", "expected an integer"),
+    ("UVGATE_WORKERS", "0", "server.workers", "must be at least 1"),
+    ("UVGATE_LISTEN", "8080", "server.listen", 'expected "host:port"'),
+    ("UVGATE_ADMIN_LISTEN", "127.0.0.1:1", "server.admin_listen", "must use another port than server.listen"),
+    ("UVGATE_REDIS_URL", "http://cache:6379", "redis.url", "expected a redis://"),
+]
+
+
+def test_every_env_override_has_a_bad_value_case() -> None:
+    assert {var for var, *_ in BAD_OVERRIDES} == set(ENV_OVERRIDES)
+
+
+@pytest.mark.parametrize(("var", "value", "key", "reason"), BAD_OVERRIDES)
+def test_a_bad_env_override_is_reported_naming_the_variable(
+    tmp_path: Path, var: str, value: str, key: str, reason: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    load(str(path), env={})  # the file alone is valid
+    with pytest.raises(ConfigError) as info:
+        load(str(path), env={var: value})
+    ((name, _, why),) = info.value.problems
+    assert name == f"{var} ({key})"
+    assert why.startswith(reason), why
+    assert str(info.value).startswith(f"{var} ({key}): {reason}")
+
+
+def test_the_file_is_blamed_for_its_own_values_and_the_cli_overrides_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(VALID.replace("[server]\n", '[server]\nworkers = "two"\n'))
+    with pytest.raises(ConfigError) as info:
+        load(str(path), env={"UVGATE_LISTEN": "127.0.0.1:7000"})
+    assert [p[0] for p in info.value.problems] == ["server.workers"], "the override is fine; the file is not"
+    assert load(str(path), env={"UVGATE_WORKERS": "abc"}, workers=3).server.workers == 3
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
@@ -146,6 +190,19 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     assert "server.workers" in result.stderr
     assert "server.max_body_bytes" in result.stderr
     assert "routes" in result.stderr
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "start"])
+def test_cli_names_a_bad_environment_override(tmp_path: Path, check: bool) -> None:
+    """`--check` and a real start both report the variable, not the file, and exit 2 (nothing is bound)."""
+    path = tmp_path / "c.toml"
+    path.write_text(VALID)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UVGATE_")}
+    env["UVGATE_WORKERS"] = "abc"
+    argv = [sys.executable, "-m", "proxy", "--config", str(path), *(["--check"] if check else [])]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "UVGATE_WORKERS (server.workers): expected an integer (got 'abc')" in result.stderr
 
 
 @pytest.mark.parametrize(
