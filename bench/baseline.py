@@ -45,7 +45,7 @@ PROXY_PATHS = ("proxy", "setup.py", "setup.cfg", "pyproject.toml")
 """What the proxy's build and code are made of, for `worktree_label`."""
 
 BUILD_TIMEOUT = 600.0
-"""Seconds the mypyc build of the baseline may take (about 20 s on 2 cores)."""
+"""Seconds the mypyc build of the baseline may take (it takes 20 to 40 s on 2 busy cores)."""
 
 
 @dataclass(frozen=True, slots=True)
