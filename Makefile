@@ -9,7 +9,7 @@ STAMP := $(VENV)/.uvgate-installed
 COMPILED := $(VENV)/.uvgate-compiled
 PROXY_SOURCES := $(wildcard proxy/*.py proxy/*/*.py)
 RUN_CONFIG ?= configs/dev.toml
-# e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s"
+# e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s", make bench ARGS="--baseline main"
 ARGS ?=
 
 .PHONY: help venv build test lint fmt run bench clean distclean
@@ -20,7 +20,8 @@ help:
 	@echo "make build      compile the hot-path modules with mypyc (done by run, test and bench)"
 	@echo "make lint       ruff, ruff format --check, mypy --strict"
 	@echo "make fmt        apply ruff format and the safe ruff fixes"
-	@echo "make bench      wrk benchmark: direct-to-backend vs through the proxy (needs wrk)"
+	@echo "make bench      wrk benchmark: direct-to-backend vs through nginx and the proxy (needs wrk)"
+	@echo "                ARGS=\"--baseline main\" adds main's proxy, for before/after comparisons"
 	@echo "make clean      remove caches and build output (make distclean also removes $(VENV))"
 
 venv: $(STAMP)

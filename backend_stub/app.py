@@ -30,6 +30,8 @@ from backend_stub.httpcore import (
 )
 
 API_BODY: Final = b'{"id":1,"name":"resource","tags":["a","b"],"ok":true}'
+HEALTH_BODY: Final = b'{"status":"ok"}'
+NOT_FOUND_BODY: Final = b'{"error":"not found"}'
 HOP_HEADERS: Final = (
     (b"Connection", b"keep-alive, X-Hop-Custom"),
     (b"X-Hop-Custom", b"secret"),
@@ -147,10 +149,10 @@ class BackendApp:
     def __init__(self, state: ServerState) -> None:
         self._state = state
         self._api = PreEncoded(state, 200, API_BODY)
-        self._not_found = PreEncoded(state, 404, b'{"error":"not found"}')
+        self._not_found = PreEncoded(state, 404, NOT_FOUND_BODY)
         self._status = Endpoint(self._status_code)
         self._routes: dict[bytes, Handler] = {
-            b"/health": PreEncoded(state, 200, b'{"status":"ok"}'),
+            b"/health": PreEncoded(state, 200, HEALTH_BODY),
             b"/hop": PreEncoded(state, 200, b'{"ok":true}', headers=HOP_HEADERS),
             b"/stats": Endpoint(self._stats),
             b"/sized": Endpoint(self._sized),

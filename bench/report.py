@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,6 +11,7 @@ from bench.cpu import CpuTimes
 from bench.wrk_runner import WrkResult
 
 __all__ = [
+    "SATURATED",
     "TABLE_HEADER",
     "CpuField",
     "RunRecord",
@@ -21,6 +22,7 @@ __all__ = [
     "format_table",
     "ratios",
     "rps_ratio",
+    "saturation_notes",
     "summarize",
 ]
 
@@ -28,16 +30,24 @@ CpuField = Literal["total", "user", "system"]
 """Which part of the proxy CPU per request a ratio compares."""
 
 
+SATURATED = 0.9
+"""Share of a core below which a proxy row gets a note: it waited for the load side part of the time."""
+
+
 def _per_req(seconds: float | None, requests: int) -> float | None:
     return None if seconds is None or not requests else seconds * 1e6 / requests
+
+
+def _share(seconds: float | None, duration_s: float) -> float | None:
+    return None if seconds is None or duration_s <= 0 else seconds / duration_s
 
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     """One measured run: wrk's numbers plus the CPU the proxy on the path and the backend used meanwhile.
 
-    `proxy_cpu` is the process tree under test: uvgate (supervisor + workers) in `proxy`, nginx
-    (master + worker) in `nginx`, None in `direct`.
+    `proxy_cpu` is the process tree under test: uvgate (supervisor + workers) in `proxy`, the
+    baseline commit's uvgate in `baseline`, nginx (master + worker) in `nginx`, None in `direct`.
     """
 
     scenario: str
@@ -71,6 +81,16 @@ class RunRecord:
         """Backend CPU per request, in µs."""
         return _per_req(self.backend_cpu_s, self.result.requests)
 
+    @property
+    def proxy_core_share(self) -> float | None:
+        """Proxy CPU seconds per second of the run (1.0 = one core busy throughout)."""
+        return _share(self.proxy_cpu_s, self.result.duration_s)
+
+    @property
+    def backend_core_share(self) -> float | None:
+        """Backend CPU seconds per second of the run."""
+        return _share(self.backend_cpu_s, self.result.duration_s)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {
@@ -85,6 +105,8 @@ class RunRecord:
             "proxy_user_us_per_req": self.proxy_user_us_per_req,
             "proxy_system_us_per_req": self.proxy_system_us_per_req,
             "backend_cpu_us_per_req": self.backend_cpu_us_per_req,
+            "proxy_core_share": self.proxy_core_share,
+            "backend_core_share": self.backend_core_share,
         }
 
 
@@ -102,6 +124,8 @@ class ScenarioSummary:
     backend_cpu_us_per_req: float | None
     proxy_user_us_per_req: float | None = None
     proxy_system_us_per_req: float | None = None
+    proxy_core_share: float | None = None
+    backend_core_share: float | None = None
 
     def cpu(self, field: CpuField) -> float | None:
         """Median proxy CPU µs/request: total, user or system."""
@@ -124,6 +148,8 @@ class ScenarioSummary:
             "proxy_user_us_per_req_median": self.proxy_user_us_per_req,
             "proxy_system_us_per_req_median": self.proxy_system_us_per_req,
             "backend_cpu_us_per_req_median": self.backend_cpu_us_per_req,
+            "proxy_core_share_median": self.proxy_core_share,
+            "backend_core_share_median": self.backend_core_share,
         }
 
 
@@ -150,6 +176,8 @@ def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
                 backend_cpu_us_per_req=_median([r.backend_cpu_us_per_req for r in runs]),
                 proxy_user_us_per_req=_median([r.proxy_user_us_per_req for r in runs]),
                 proxy_system_us_per_req=_median([r.proxy_system_us_per_req for r in runs]),
+                proxy_core_share=_median([r.proxy_core_share for r in runs]),
+                backend_core_share=_median([r.backend_core_share for r in runs]),
             )
         )
     return out
@@ -194,15 +222,26 @@ def ratios(summaries: Sequence[ScenarioSummary]) -> dict[str, float | None]:
         "uvgate_over_nginx_cpu_per_req": cpu_ratio(summaries, "proxy", "nginx", "total"),
         "uvgate_over_nginx_user_per_req": cpu_ratio(summaries, "proxy", "nginx", "user"),
         "uvgate_over_nginx_system_per_req": cpu_ratio(summaries, "proxy", "nginx", "system"),
+        "proxy_over_baseline_cpu_per_req": cpu_ratio(summaries, "proxy", "baseline", "total"),
+        "proxy_over_baseline_user_per_req": cpu_ratio(summaries, "proxy", "baseline", "user"),
+        "proxy_over_baseline_system_per_req": cpu_ratio(summaries, "proxy", "baseline", "system"),
+        "proxy_over_baseline_rps": rps_ratio(summaries, "proxy", "baseline"),
     }
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _ratio(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_ratios(summaries: Sequence[ScenarioSummary]) -> list[str]:
-    """The footer lines under the table; only ratios whose scenarios were both measured."""
+def _label(scenario: str, labels: Mapping[str, str] | None) -> str:
+    return (labels or {}).get(scenario, scenario)
+
+
+def format_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None) -> list[str]:
+    """The footer lines under the table; only ratios whose scenarios were both measured.
+
+    proxy ÷ baseline gets three decimals and the change in percent: it is read against a 3 % bar.
+    """
     r = ratios(summaries)
     lines = []
     if r["proxy_over_direct_rps"] is not None:
@@ -215,7 +254,32 @@ def format_ratios(summaries: Sequence[ScenarioSummary]) -> list[str]:
             f"(user {_ratio(r['uvgate_over_nginx_user_per_req'])}, "
             f"sys {_ratio(r['uvgate_over_nginx_system_per_req'])})"
         )
+    total = r["proxy_over_baseline_cpu_per_req"]
+    if total is not None:
+        lines.append(
+            f"proxy ÷ {_label('baseline', labels)} CPU µs/req: {_ratio(total, 3)} ({(total - 1) * 100:+.1f} %) "
+            f"(user {_ratio(r['proxy_over_baseline_user_per_req'], 3)}, "
+            f"sys {_ratio(r['proxy_over_baseline_system_per_req'], 3)}); "
+            f"RPS {_ratio(r['proxy_over_baseline_rps'], 3)}"
+        )
     return lines
+
+
+def saturation_notes(
+    summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None, threshold: float = SATURATED
+) -> list[str]:
+    """A note for each proxy row whose median share of a core stayed below `threshold`.
+
+    Such a proxy was held back by the load side (wrk + backend) or by other work on the machine. Its
+    CPU µs/req is then not its cost at saturation: waiting for requests adds idle wake-ups and
+    fewer requests per event-loop turn, so comparing it with a saturated row overstates the gap.
+    """
+    return [
+        f"note: {_label(s.scenario, labels)} used {s.proxy_core_share:.0%} of a core: not saturated "
+        f"(held back by the load side or other work), so its CPU µs/req is not its cost at saturation"
+        for s in summaries
+        if s.proxy_core_share is not None and s.proxy_core_share < threshold
+    ]
 
 
 def format_mib(size: int | None) -> str:
@@ -237,15 +301,25 @@ TABLE_HEADER = (
     "proxy CPU µs/req",
     "user µs/req",
     "sys µs/req",
+    "proxy core %",
     "backend CPU µs/req",
+    "backend core %",
 )
 
 
-def format_table(summaries: Sequence[ScenarioSummary]) -> str:
-    """The result table: one row per scenario; proxy CPU is uvgate's in `proxy`, nginx's in `nginx`."""
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f}"
+
+
+def format_table(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None) -> str:
+    """The result table: one row per scenario, named by `labels` where given (e.g. `baseline@<hash>`).
+
+    proxy CPU is uvgate's in `proxy` (and the baseline commit's in `baseline`), nginx's in `nginx`;
+    the core columns are CPU seconds per second of the run, in percent of one core.
+    """
     rows = [TABLE_HEADER] + [
         (
-            s.scenario,
+            _label(s.scenario, labels),
             str(s.runs),
             f"{s.rps:,.0f}",
             f"{s.p50_us:,.0f}",
@@ -254,7 +328,9 @@ def format_table(summaries: Sequence[ScenarioSummary]) -> str:
             _num(s.proxy_cpu_us_per_req, ".1f"),
             _num(s.proxy_user_us_per_req, ".1f"),
             _num(s.proxy_system_us_per_req, ".1f"),
+            _percent(s.proxy_core_share),
             _num(s.backend_cpu_us_per_req, ".1f"),
+            _percent(s.backend_core_share),
         )
         for s in summaries
     ]

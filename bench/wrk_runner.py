@@ -12,9 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPORT_LUA", "WrkResult", "duration_seconds", "find_wrk", "parse_wrk_output", "run_wrk", "wrk_version"]
+__all__ = [
+    "REALISTIC_LUA",
+    "REPORT_LUA",
+    "REQUEST_SCRIPTS",
+    "WrkResult",
+    "duration_seconds",
+    "find_wrk",
+    "parse_wrk_output",
+    "run_wrk",
+    "wrk_version",
+]
 
 REPORT_LUA = Path(__file__).resolve().parent / "wrk" / "report.lua"
+"""Prints the JSON report line; on its own, wrk sends its plain `GET <path>` with a Host header only."""
+REALISTIC_LUA = REPORT_LUA.with_name("realistic.lua")
+"""A real API client's request head (~600 bytes), then report.lua's report line."""
+REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA}
+"""`--request` choice -> the wrk script."""
 _MARKER = "WRK_JSON "
 _DURATION = re.compile(r"^(\d+)(s|m|h)?$")
 ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
@@ -122,10 +137,11 @@ def run_wrk(
     threads: int = 1,
     cpus: Sequence[int] | None = None,
     timeout: str = "2s",
+    script: Path = REPORT_LUA,
 ) -> WrkResult:
-    """Run wrk once (pinned to `cpus`) with the JSON reporter; RuntimeError if wrk fails."""
+    """Run wrk once (pinned to `cpus`) with `script`, which prints the JSON report line; RuntimeError if wrk fails."""
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}", f"--timeout={timeout}"]
-    argv += ["-s", str(REPORT_LUA), url]
+    argv += ["-s", str(script), url]
     done = subprocess.run(
         argv,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Linux /proc readers: process trees, process groups, CPU time and RSS (no dependencies)."""
+"""Linux /proc readers: process trees, process groups, CPU time, RSS and mapped files (no dependencies)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ __all__ = [
     "cpu_seconds",
     "descendants",
     "group_members",
+    "mapped_files",
     "pid_alive",
     "process_tree",
     "read_stat",
@@ -128,3 +129,22 @@ def rss_bytes(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def mapped_files(pid: int) -> set[str]:
+    """Paths of the files mapped into `pid` (shared libraries, the executable) from /proc/<pid>/maps.
+
+    Empty if the process is gone. Deleted files keep their path with a ` (deleted)` suffix.
+    """
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+    out = set()
+    for line in lines:
+        # address perms offset dev inode [path]; the path may contain spaces.
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            out.add(fields[5])
+    return out

@@ -339,6 +339,7 @@ class Stack:
         env: Mapping[str, str] | None = None,
         wait_ready: bool = True,
         stop_timeout: float | None = None,
+        name: str = "proxy",
     ) -> ProxyService:
         """Generate a config from `config` and start `python -m proxy --config <generated>`.
 
@@ -346,6 +347,7 @@ class Stack:
         (if given), every upstream's servers (`upstream_servers`, else this stack's backend if
         started, unless `keep_upstreams`), redis.url (`redis_url`, else this stack's Redis if
         started). With `wait_ready=False` it returns right after spawning (for failure tests).
+        `name` names the log and the generated config (`<run_dir>/<name>[-N].log` and `.toml`).
         """
         template = load_config_source(config)
         if upstream_servers is None and not keep_upstreams and self.backend is not None:
@@ -368,13 +370,15 @@ class Stack:
                 upstream_servers=upstream_servers,
                 redis_url=redis_url,
             )
-            name = self._log_name("proxy")
-            config_path = self.run_dir / f"{name}.toml"
+            log_name = self._log_name(name)
+            config_path = self.run_dir / f"{log_name}.toml"
             dump(rendered, config_path)
             argv = [self.python, "-m", "proxy", "--config", str(config_path), *extra_args]
             timeout = self.stop_timeout if stop_timeout is None else stop_timeout
-            process = self._spawn(name, argv, kill_mode="mixed", cpus=cpus, stop_timeout=timeout, env=env)
-            proxy = ProxyService(name, process, (self.host, listen), (self.host, admin), config_path, rendered, timeout)
+            process = self._spawn(log_name, argv, kill_mode="mixed", cpus=cpus, stop_timeout=timeout, env=env)
+            proxy = ProxyService(
+                log_name, process, (self.host, listen), (self.host, admin), config_path, rendered, timeout
+            )
             if wait_ready:
                 try:
                     proxy.wait_ready(self.startup_timeout)

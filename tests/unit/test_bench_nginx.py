@@ -1,4 +1,4 @@
-"""bench's nginx reference scenario and CPU split: config rendering, scenario planning, ratios, the table.
+"""bench's nginx (reference proxy and backend), CLI choices, CPU split, ratios, the table.
 
 Nothing here starts nginx or any other process.
 """
@@ -12,17 +12,30 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
+from backend_stub.app import API_BODY, HEALTH_BODY, NOT_FOUND_BODY
 from bench.cpu import CpuTimes, tree_cpu_times
 from bench.nginx import (
+    BACKEND_KEEPALIVE_REQUESTS,
     NGINX_MISSING,
+    NGINX_MISSING_BACKEND,
     TEMP_PATHS,
     find_nginx,
     nginx_argv,
     parse_nginx_version,
+    render_backend_conf,
     render_nginx_conf,
 )
-from bench.report import RunRecord, cpu_ratio, format_ratios, format_table, ratios, rps_ratio, summarize
-from bench.wrk_runner import WrkResult
+from bench.report import (
+    RunRecord,
+    cpu_ratio,
+    format_ratios,
+    format_table,
+    ratios,
+    rps_ratio,
+    saturation_notes,
+    summarize,
+)
+from bench.wrk_runner import REALISTIC_LUA, REPORT_LUA, WrkResult
 
 
 def _result(requests: int, p50: float = 100.0) -> WrkResult:
@@ -39,17 +52,24 @@ def _directives(conf: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- nginx.conf
 
 
+def _main_context(run_dir: Path) -> tuple[str, ...]:
+    """What both nginx configs start with: one worker in the foreground, files in the run dir."""
+    return (
+        "daemon off;",
+        "master_process on;",
+        "worker_processes 1;",
+        f'error_log "{run_dir}/nginx-error.log" warn;',
+        f'pid "{run_dir}/nginx.pid";',
+        "worker_connections 4096;",
+        "access_log off;",
+    )
+
+
 def test_render_nginx_conf_has_the_reference_setup(tmp_path: Path) -> None:
     conf = render_nginx_conf(run_dir=tmp_path, listen="127.0.0.1:18080", backend="127.0.0.1:18000")
     stmts = _directives(conf)
     for expected in (
-        "daemon off;",
-        "master_process on;",
-        "worker_processes 1;",
-        f'error_log "{tmp_path}/nginx-error.log" warn;',
-        f'pid "{tmp_path}/nginx.pid";',
-        "worker_connections 4096;",
-        "access_log off;",
+        *_main_context(tmp_path),
         "server 127.0.0.1:18000;",
         "keepalive 256;",
         "listen 127.0.0.1:18080;",
@@ -88,6 +108,45 @@ def test_render_nginx_conf_user_and_quoting() -> None:
     assert "keepalive 8;" in _directives(
         render_nginx_conf(run_dir=run_dir, listen="127.0.0.1:1", backend="127.0.0.1:2", keepalive=8)
     )
+
+
+def _return_text(stmt: str) -> bytes:
+    """The literal of `return <code> '<text>';`, unescaped as nginx reads it."""
+    quoted = stmt.split(" ", 2)[2].removesuffix(";")
+    assert quoted.startswith("'") and quoted.endswith("'"), stmt
+    return re.sub(r"\\(.)", r"\1", quoted[1:-1]).encode()
+
+
+def test_render_backend_conf_answers_like_backend_stub(tmp_path: Path) -> None:
+    conf = render_backend_conf(run_dir=tmp_path, listen="127.0.0.1:18001")
+    stmts = _directives(conf)
+    for expected in (
+        *_main_context(tmp_path),
+        f"keepalive_requests {BACKEND_KEEPALIVE_REQUESTS};",
+        "keepalive_timeout 3600s;",
+        "default_type application/json;",
+        "listen 127.0.0.1:18001;",
+        "location /api/ {",
+        "location = /health {",
+        "location / {",
+    ):
+        assert expected in stmts, expected
+    assert BACKEND_KEEPALIVE_REQUESTS >= 10**8, "no reconnects within a benchmark"
+    assert not any(s.startswith(("proxy_pass", "upstream", "user ")) for s in stmts)
+    returns = {stmts[i - 1]: s for i, s in enumerate(stmts) if s.startswith("return ")}
+    assert returns["location /api/ {"].startswith("return 200 ")
+    assert _return_text(returns["location /api/ {"]) == API_BODY
+    assert _return_text(returns["location = /health {"]) == HEALTH_BODY
+    assert returns["location / {"].startswith("return 404 ")
+    assert _return_text(returns["location / {"]) == NOT_FOUND_BODY
+    assert sorted(s.split()[0] for s in stmts if "_temp_path " in s) == sorted(f"{k}_temp_path" for k in TEMP_PATHS)
+    assert conf.count("{") - API_BODY.count(b"{") - HEALTH_BODY.count(b"{") - NOT_FOUND_BODY.count(b"{") == (
+        conf.count("}") - API_BODY.count(b"}") - HEALTH_BODY.count(b"}") - NOT_FOUND_BODY.count(b"}")
+    )
+    as_root = _directives(render_backend_conf(run_dir=tmp_path, listen="127.0.0.1:1", user=("root", "root")))
+    assert as_root[0] == "user root root;"
+    small = render_backend_conf(run_dir=tmp_path, listen="127.0.0.1:1", keepalive_requests=5)
+    assert "keepalive_requests 5;" in _directives(small)
 
 
 @pytest.mark.parametrize(
@@ -134,25 +193,86 @@ def test_plan_scenarios() -> None:
     assert "apt-get install nginx" in NGINX_MISSING and "\n" not in NGINX_MISSING
 
 
+def test_plan_scenarios_with_baseline() -> None:
+    everything = ("direct", "nginx", "proxy", "baseline")
+    assert bench_main.plan_scenarios("all", "/usr/sbin/nginx", baseline=True) == (everything, None)
+    assert bench_main.plan_scenarios("all", None, baseline=True) == (("direct", "proxy", "baseline"), NGINX_MISSING)
+    assert bench_main.plan_scenarios("proxy", None, baseline=True) == (("proxy", "baseline"), None)
+
+
+def test_round_order_alternates() -> None:
+    scenarios = ("direct", "nginx", "proxy", "baseline")
+    assert bench_main.round_order(scenarios, 0) == scenarios
+    assert bench_main.round_order(scenarios, 1) == ("baseline", "proxy", "nginx", "direct")
+    assert bench_main.round_order(scenarios, 2) == scenarios
+    firsts = [bench_main.round_order(("proxy", "baseline"), i)[0] for i in range(4)]
+    assert firsts == ["proxy", "baseline", "proxy", "baseline"], "neither always runs first"
+
+
 def test_scenario_choices_and_defaults() -> None:
     args = bench_main.build_parser().parse_args([])
     assert (args.scenario, args.runs, args.duration, args.connections, args.threads) == ("all", 3, "10s", 50, 1)
+    assert (args.baseline, args.backend, args.request) == (None, None, "plain")
     for choice in ("direct", "nginx", "proxy", "all"):
         assert bench_main.build_parser().parse_args(["--scenario", choice]).scenario == choice
+    args = bench_main.build_parser().parse_args(["--baseline", "HEAD~1", "--backend", "stub", "--request", "realistic"])
+    assert (args.baseline, args.backend, args.request) == ("HEAD~1", "stub", "realistic")
 
 
-def test_explicit_nginx_scenario_without_nginx_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("argv", [["--backend", "apache"], ["--request", "huge"], ["--scenario", "baseline"]])
+def test_bad_choices_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_main.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_request_scripts() -> None:
+    assert bench_main.REQUEST_SCRIPTS == {"plain": REPORT_LUA, "realistic": REALISTIC_LUA}
+
+
+def test_choose_backend() -> None:
+    assert bench_main.BACKENDS == ("nginx", "stub")
+    assert bench_main.choose_backend(None, "/usr/sbin/nginx") == "nginx"
+    assert bench_main.choose_backend(None, None) == "stub"
+    assert bench_main.choose_backend("stub", "/usr/sbin/nginx") == "stub"
+    assert bench_main.choose_backend("nginx", "/usr/sbin/nginx") == "nginx"
+    assert bench_main.choose_backend("nginx", None) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--scenario", "nginx"], NGINX_MISSING), (["--backend", "nginx", "--scenario", "proxy"], NGINX_MISSING_BACKEND)],
+)
+def test_nginx_required_but_missing_exits_2(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench_main, "find_wrk", lambda: "/usr/bin/wrk")
-    monkeypatch.setattr(bench_main, "find_nginx", lambda: None)
-
     def no_run(*_: object) -> int:
         raise AssertionError("must not start anything")
 
+    monkeypatch.setattr(bench_main, "find_wrk", lambda: "/usr/bin/wrk")
+    monkeypatch.setattr(bench_main, "find_nginx", lambda: None)
     monkeypatch.setattr(bench_main, "run", no_run)
-    assert bench_main.main(["--scenario", "nginx"]) == 2
-    assert "apt-get install nginx" in capsys.readouterr().err
+    assert bench_main.main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert "apt-get install nginx" in message
+
+
+def test_main_passes_the_chosen_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str | None, str]] = []
+
+    def fake_run(args: object, wrk: str, nginx: str | None, backend: str) -> int:
+        seen.append((nginx, backend))
+        return 0
+
+    monkeypatch.setattr(bench_main, "find_wrk", lambda: "/usr/bin/wrk")
+    monkeypatch.setattr(bench_main, "run", fake_run)
+    monkeypatch.setattr(bench_main, "find_nginx", lambda: None)
+    assert bench_main.main([]) == 0
+    monkeypatch.setattr(bench_main, "find_nginx", lambda: "/usr/sbin/nginx")
+    assert bench_main.main([]) == 0
+    assert bench_main.main(["--backend", "stub"]) == 0
+    assert seen == [(None, "stub"), ("/usr/sbin/nginx", "nginx"), ("/usr/sbin/nginx", "stub")]
 
 
 # ---------------------------------------------------------------------------------------------- CPU and ratios
@@ -243,11 +363,85 @@ def test_format_table_with_nginx_and_cpu_split() -> None:
         "proxy CPU µs/req",
         "user µs/req",
         "sys µs/req",
+        "proxy core %",
         "backend CPU µs/req",
+        "backend core %",
     ]
     assert set(lines[1]) == {"-", " "}
     assert [line.split()[0] for line in lines[2:]] == ["direct", "nginx", "proxy"]
-    assert lines[2].split()[6:] == ["-", "-", "-", "20.0"]
-    assert lines[3].split()[1:] == ["3", "900", "100", "200", "0", "40.0", "10.0", "30.0", "25.0"]
-    assert lines[4].split()[6:9] == ["100.0", "70.0", "30.0"]
+    assert lines[2].split()[6:] == ["-", "-", "-", "-", "20.0", "2"]
+    assert lines[3].split()[1:] == ["3", "900", "100", "200", "0", "40.0", "10.0", "30.0", "4", "25.0", "2"]
+    assert lines[4].split()[6:10] == ["100.0", "70.0", "30.0", "6"]
     assert len({len(line) for line in lines}) == 1, "columns are aligned"
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def _with_baseline() -> list[RunRecord]:
+    # baseline per run (µs/req): 80 = 56 user + 24 sys, 96 = 67.2 + 28.8, 88 = 61.6 + 26.4; RPS 600, 700, 650
+    return [
+        *_records(),
+        RunRecord("baseline", 0, _result(600), CpuTimes(0.0336, 0.0144), 0.018),
+        RunRecord("baseline", 1, _result(700), CpuTimes(0.04704, 0.02016), 0.021),
+        RunRecord("baseline", 2, _result(650), CpuTimes(0.04004, 0.01716), 0.019),
+    ]
+
+
+def test_core_shares() -> None:
+    record = RunRecord("proxy", 0, WrkResult(1000, 2.0, 1, 1, 1, 1, 1, 1, {}), CpuTimes(1.2, 0.6), 0.5)
+    assert (record.proxy_core_share, record.backend_core_share) == pytest.approx((0.9, 0.25))
+    assert record.as_dict()["proxy_core_share"] == pytest.approx(0.9)
+    direct = RunRecord("direct", 0, WrkResult(1000, 2.0, 1, 1, 1, 1, 1, 1, {}), None, 0.5)
+    assert direct.proxy_core_share is None and direct.backend_core_share == pytest.approx(0.25)
+    empty = RunRecord("proxy", 0, WrkResult(0, 0.0, 0, 0, 0, 0, 0, 0, {}), CpuTimes(0.0, 0.0), 0.0)
+    assert empty.proxy_core_share is None and empty.proxy_cpu_us_per_req is None
+    summary = summarize([record, record])[0]
+    assert (summary.proxy_core_share, summary.backend_core_share) == pytest.approx((0.9, 0.25))
+    assert summary.as_dict()["backend_core_share_median"] == pytest.approx(0.25)
+
+
+def test_proxy_over_baseline_ratios() -> None:
+    summaries = summarize(_with_baseline())
+    assert [s.scenario for s in summaries] == ["direct", "nginx", "proxy", "baseline"]
+    baseline = summaries[-1]
+    assert (baseline.proxy_cpu_us_per_req, baseline.proxy_user_us_per_req) == pytest.approx((88.0, 61.6))
+    values = ratios(summaries)
+    assert values["proxy_over_baseline_cpu_per_req"] == pytest.approx(100 / 88)
+    assert values["proxy_over_baseline_user_per_req"] == pytest.approx(70 / 61.6)
+    assert values["proxy_over_baseline_system_per_req"] == pytest.approx(30 / 26.4)
+    assert values["proxy_over_baseline_rps"] == pytest.approx(550 / 650)
+    assert values["uvgate_over_nginx_cpu_per_req"] == pytest.approx(2.5), "the nginx ratio stays the working tree's"
+    assert ratios(summarize(_records()))["proxy_over_baseline_cpu_per_req"] is None
+
+
+def test_format_ratios_with_baseline() -> None:
+    labels = {"baseline": "baseline@abc1234"}
+    lines = format_ratios(summarize(_with_baseline()), labels)
+    assert lines[:3] == format_ratios(summarize(_records()))
+    assert lines[3] == ("proxy ÷ baseline@abc1234 CPU µs/req: 1.136 (+13.6 %) (user 1.136, sys 1.136); RPS 0.846")
+    assert format_ratios(summarize(_with_baseline()))[3].startswith("proxy ÷ baseline CPU µs/req: 1.136")
+    only = [s for s in summarize(_with_baseline()) if s.scenario in ("proxy", "baseline")]
+    assert format_ratios(only, labels) == [lines[3]]
+
+
+def test_format_table_labels_the_baseline() -> None:
+    lines = format_table(summarize(_with_baseline()), {"baseline": "baseline@abc1234"}).splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["direct", "nginx", "proxy", "baseline@abc1234"]
+    assert lines[5].split()[1:10] == ["3", "650", "100", "200", "0", "88.0", "61.6", "26.4", "6"]
+    assert len({len(line) for line in lines}) == 1, "columns are aligned"
+
+
+def test_saturation_notes() -> None:
+    def row(scenario: str, cpu_s: float) -> RunRecord:
+        return RunRecord(scenario, 0, WrkResult(1000, 1.0, 1, 1, 1, 1, 1, 1, {}), CpuTimes(cpu_s, 0.0), 0.5)
+
+    summaries = summarize([RunRecord("direct", 0, _result(1000), None, 0.9), row("nginx", 0.62), row("proxy", 0.95)])
+    summaries += summarize([row("baseline", 0.5)])
+    assert saturation_notes(summaries, {"baseline": "baseline@abc1234"}) == [
+        "note: nginx used 62% of a core: not saturated (held back by the load side or other work), "
+        "so its CPU µs/req is not its cost at saturation",
+        "note: baseline@abc1234 used 50% of a core: not saturated (held back by the load side or other work), "
+        "so its CPU µs/req is not its cost at saturation",
+    ]
+    assert saturation_notes(summaries, threshold=0.4) == []

@@ -1,13 +1,16 @@
-"""bench helpers: wrk report parsing, aggregation, the table, and the missing-wrk exit."""
+"""bench helpers: wrk report parsing and scripts, aggregation, the table, and the missing-wrk exit."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
 from bench.__main__ import main
 from bench.cpu import CpuTimes
 from bench.report import RunRecord, format_table, rps_ratio, summarize
-from bench.wrk_runner import REPORT_LUA, WrkResult, duration_seconds, parse_wrk_output
+from bench.wrk_runner import REALISTIC_LUA, REPORT_LUA, WrkResult, duration_seconds, parse_wrk_output, run_wrk
 
 WRK_STDOUT = """\
 Running 1s test @ http://127.0.0.1:1/api/resource
@@ -43,6 +46,46 @@ def test_report_lua_ships() -> None:
     assert "done = function" in text and "WRK_JSON" in text
 
 
+def _lua_headers(text: str) -> dict[str, str]:
+    """`wrk.headers["Name"] = "value" .. "more"` statements (values may continue on `..` lines)."""
+    joined = re.sub(r'"\s*\n\s*\.\.\s*"', "", text)
+    return dict(re.findall(r'^wrk\.headers\["([^"]+)"\]\s*=\s*"([^"]*)"\s*$', joined, re.MULTILINE))
+
+
+def test_realistic_lua_sends_an_api_clients_head() -> None:
+    text = REALISTIC_LUA.read_text(encoding="utf-8")
+    headers = _lua_headers(text)
+    names = {name.lower() for name in headers}
+    assert {"user-agent", "accept", "accept-encoding", "content-type", "authorization"} <= names
+    assert {"traceparent", "tracestate", "x-request-id"} <= names
+    assert headers["Authorization"].startswith("Bearer ") and len(headers["Authorization"]) > 100
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]", headers["traceparent"])
+    # as sent: request line, wrk's Host header, these headers, blank line
+    head = "GET /api/resource HTTP/1.1\r\nHost: 127.0.0.1:12345\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    assert 9 <= len(headers) <= 12 and 550 <= len(head) <= 700, (len(headers), len(head))
+    # wrk formats a static request once: no per-request Lua function
+    assert "request = function" not in text and "function request" not in text
+    # and the report line comes from report.lua, loaded from the same directory
+    assert re.search(r'dofile\(here \.\. "report\.lua"\)', text)
+    assert REALISTIC_LUA.parent == REPORT_LUA.parent
+
+
+def test_run_wrk_passes_the_script(tmp_path: Path) -> None:
+    fake = tmp_path / "wrk"
+    argv_file = tmp_path / "argv"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\ncat <<"EOF"\n{WRK_STDOUT}EOF\n', encoding="utf-8")
+    fake.chmod(0o755)
+    result = run_wrk(str(fake), "http://127.0.0.1:1/api/resource", duration="1s", connections=10, script=REALISTIC_LUA)
+    assert result.requests == 49481
+    argv = argv_file.read_text(encoding="utf-8").splitlines()
+    assert argv[argv.index("-s") + 1] == str(REALISTIC_LUA)
+    assert argv[-1] == "http://127.0.0.1:1/api/resource" and "-c10" in argv and "-d1s" in argv
+    run_wrk(str(fake), "http://127.0.0.1:1/", duration="1s", connections=1)
+    argv = argv_file.read_text(encoding="utf-8").splitlines()
+    assert argv[argv.index("-s") + 1] == str(REPORT_LUA), "plain by default"
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("10s", 10), ("2m", 120), ("1h", 3600), ("30", 30)])
 def test_duration_seconds(text: str, seconds: int) -> None:
     assert duration_seconds(text) == seconds
@@ -76,8 +119,8 @@ def test_summarize_medians_and_ratio() -> None:
     table = format_table([direct, proxy]).splitlines()
     assert table[0].split()[:3] == ["scenario", "runs", "RPS"]
     assert table[2].split()[:3] == ["direct", "3", "1,100"] and table[2].split()[6] == "-"
-    assert table[2].split()[6:] == ["-", "-", "-", "10.0"]
-    assert table[3].split()[6:] == ["50.0", "37.5", "12.5", "10.0"]
+    assert table[2].split()[6:] == ["-", "-", "-", "-", "10.0", "1"]
+    assert table[3].split()[6:] == ["50.0", "37.5", "12.5", "2", "10.0", "0"]
     assert len({len(line) for line in table}) == 1, "columns are aligned"
 
 
