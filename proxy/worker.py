@@ -114,7 +114,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     status.ready()
     log.debug("worker %d serving on %s", slot, config.server.listen)
     await stop
-    server.close()  # stops accepting; the supervisor's copy of the socket keeps the queue alive
+    server.close()  # stop accepting at once (a reload: the supervisor keeps the queue for the next worker)
     drained = await state.drain(config.server.drain_timeout)
     if not drained:
         log.warning("worker %d: drain_timeout reached, closed remaining connections", slot)
