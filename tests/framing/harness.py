@@ -36,7 +36,7 @@ from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.server import WorkerState
 from proxy.upstream.client import UpstreamConnection
 from proxy.upstream.pool import Cluster, ServerPool
-from tests.fakes import MockLoop, MockTransport
+from tests.fakes import FakeConnectTask, MockLoop, MockTransport
 from tests.framing.known_defects import known
 
 # The settings of every framing run, in-process and live (tests/integration/test_corpus_live.py):
@@ -242,26 +242,6 @@ class Link:
         return default
 
 
-class _ConnectTask:
-    """Stands in for the connect task; `settle` completes it (or reports its cancel)."""
-
-    def __init__(self) -> None:
-        self.cancel_called = False
-
-    def cancel(self) -> bool:
-        self.cancel_called = True
-        return True
-
-    def cancelled(self) -> bool:
-        return self.cancel_called
-
-    def exception(self) -> BaseException | None:
-        return None
-
-    def add_done_callback(self, callback: Any) -> None:
-        pass
-
-
 @dataclass
 class Forwarded:
     """One request as the upstream read it from the proxy."""
@@ -353,7 +333,7 @@ class InProcessProxy:
     def _connector(self, server: ServerPool, exchange: Exchange) -> UpstreamConnection:
         conn = UpstreamConnection(server.cluster, server, self.state, self.rewriter)
         conn.pending = exchange
-        conn.connect_task = cast(Any, _ConnectTask())
+        conn.connect_task = cast(Any, FakeConnectTask())
         self.conns.append(conn)
         return conn
 
@@ -381,7 +361,7 @@ class InProcessProxy:
             for conn in list(self.conns):
                 peer = self.peers.get(id(conn))
                 if peer is None:
-                    task = cast(_ConnectTask | None, conn.connect_task)
+                    task = cast(FakeConnectTask | None, conn.connect_task)
                     if task is None:
                         continue
                     if task.cancel_called:

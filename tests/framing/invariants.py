@@ -14,6 +14,7 @@ problems (empty: holds), so the property tests, the oracle, the corpus and the f
 from __future__ import annotations
 
 from devstack.rawhttp import RawResponse
+from proxy.forwarding import FRAMING, HOP_BY_HOP
 from tests.framing.harness import (
     MAX_BODY_BYTES,
     REQUEST_ID_HEADER,
@@ -29,20 +30,6 @@ from tests.framing.harness import (
 )
 from tests.framing.known_defects import NOT_IN_QUEUE, known
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _INFO_BODY = "an informational response with a body"
 # Request headers the proxy does not forward as received: hop-by-hop, framing (re-made), Host (sent
 # first, from the request), Expect (answered by the proxy), and the forwarding headers it sets itself.
