@@ -12,7 +12,11 @@ RUN_CONFIG ?= configs/dev.toml
 # e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s", make bench ARGS="--baseline main"
 ARGS ?=
 
-.PHONY: help venv build test lint fmt run bench clean distclean
+# e.g. FUZZ_TIME=3600 make fuzz (seconds, shared by the two harnesses); ORACLE_COUNT=100000 make oracle
+FUZZ_TIME ?= 300
+ORACLE_COUNT ?= 100000
+
+.PHONY: help venv build test lint fmt run bench clean distclean fuzz oracle
 
 help:
 	@echo "make run        start Redis, the stubs and the proxy (configs/dev.toml); prints URLs and a curl"
@@ -20,6 +24,8 @@ help:
 	@echo "make build      compile the hot-path modules with mypyc (done by run, test and bench)"
 	@echo "make lint       ruff, ruff format --check, mypy --strict"
 	@echo "make fmt        apply ruff format and the safe ruff fixes"
+	@echo "make fuzz       coverage-guided fuzzing of request and response framing (atheris; FUZZ_TIME=300 s)"
+	@echo "make oracle     the differential oracle (proxy vs h11) over ORACLE_COUNT=100000 inputs of each kind"
 	@echo "make bench      wrk benchmark: direct-to-backend vs through nginx and the proxy (needs wrk)"
 	@echo "                ARGS=\"--baseline main\" adds main's proxy, for before/after comparisons"
 	@echo "make clean      remove caches and build output (make distclean also removes $(VENV))"
@@ -61,8 +67,17 @@ run: build
 bench: build
 	$(BIN)/python -m bench $(ARGS)
 
+# Fuzzing runs the pure-Python sources (atheris instruments Python bytecode, not compiled modules);
+# findings land in .fuzz/<harness>/crash-*, the growing corpus in .fuzz/<harness>/corpus.
+fuzz: venv
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz.run --seconds $(FUZZ_TIME)
+
+oracle: build
+	UVGATE_ORACLE_COUNT=$(ORACLE_COUNT) $(BIN)/pytest -q -s -p no:cacheprovider tests/framing/test_oracle.py -k agree
+
 clean:
-	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache $(COMPILED)
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(COMPILED)
 	rm -f proxy/*.so proxy/*/*.so uvgate__mypyc*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 

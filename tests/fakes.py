@@ -188,3 +188,23 @@ class FakeConn:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeConnectTask:
+    """Stands in for the connect task: done when `connect_done` is called by the test."""
+
+    def __init__(self) -> None:
+        self.cancel_called = False
+
+    def cancel(self) -> bool:
+        self.cancel_called = True
+        return True
+
+    def cancelled(self) -> bool:
+        return self.cancel_called
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass

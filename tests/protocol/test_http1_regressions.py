@@ -26,7 +26,15 @@ from proxy.upstream.client import UpstreamConnection, request_head
 from proxy.upstream.pool import Cluster, ServerPool
 
 # ---------------------------------------------------------------------------------------------- fakes
-from tests.fakes import FakeConn, FakeDownstream, MockLoop, MockTransport, RecordingGateway, make_exchange
+from tests.fakes import (
+    FakeConn,
+    FakeConnectTask,
+    FakeDownstream,
+    MockLoop,
+    MockTransport,
+    RecordingGateway,
+    make_exchange,
+)
 
 
 class UvloopLikeTransport(MockTransport):
@@ -114,26 +122,6 @@ class UpTransport:
 
     def get_write_buffer_size(self) -> int:
         return self.buffer
-
-
-class FakeConnectTask:
-    """Stands in for the connect task: done when `connect_done` is called by the test."""
-
-    def __init__(self) -> None:
-        self.cancel_called = False
-
-    def cancel(self) -> bool:
-        self.cancel_called = True
-        return True
-
-    def cancelled(self) -> bool:
-        return self.cancel_called
-
-    def exception(self) -> BaseException | None:
-        return None
-
-    def add_done_callback(self, callback: Any) -> None:
-        pass
 
 
 BASE_CONFIG: dict[str, Any] = {
