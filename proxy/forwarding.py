@@ -38,8 +38,6 @@ FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 # Headers the proxy sets itself on every forwarded request; client copies are dropped or rewritten.
 FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
 
-_OWS: Final = (0x20, 0x09)  # space, tab
-
 # How `HeadScan` treats a request header (by lower-cased name); anything else is forwarded as is.
 KIND_FORWARD: Final = 0
 KIND_HOST: Final = 1
@@ -108,8 +106,10 @@ class HeadScan:
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
             return
-        if value and value[-1] in _OWS:  # (the parser drops leading whitespace, never trailing)
-            value = value.strip(b" \t")
+        if value:
+            last = value[-1]
+            if last == 0x20 or last == 0x09:  # (the parser drops leading whitespace, never trailing)
+                value = value.strip(b" \t")
         if kind == KIND_HOST:
             if self.host is not None:
                 raise BadRequest("duplicate_host")

@@ -14,7 +14,7 @@ from typing import Final
 
 import orjson
 
-from proxy.errors import BadRequest, NotImplementedByProxy, PayloadTooLarge
+from proxy.errors import BadGateway, BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.forwarding import FRAMING, HOP_BY_HOP, connection_tokens
 
@@ -64,23 +64,32 @@ class ResponseHeadRewriter:
     def inspect(self, head: bytes, status: int, head_request: bool) -> tuple[BodyKind, bytes]:
         """Body framing of an upstream response (RFC 9112 6.3) and its head made ready for the client.
 
-        The parser has validated the head already (and rejected Content-Length with Transfer-Encoding).
         One regex scan finds every line of interest; the usual response (Content-Length only) is
-        returned as it is.
+        returned as it is. The framing must be one llhttp reads the same way and the client can be given:
+        a Transfer-Encoding other than exactly `chunked` (a coding the proxy would strip with the header, or
+        a value llhttp reads differently, such as `chunked<TAB>`), two of them, or one with a Content-Length
+        is answered 502 (BadGateway raised).
         """
+        bodiless = head_request or status < 200 or status == 204 or status == 304
         kind = BODY_UNTIL_CLOSE
         rewrite = False
+        length = False
         for name, value in self.scan.findall(head.lower()):
             if name == b"content-length":
-                kind = BODY_LENGTH
+                length = True
+                if kind != BODY_CHUNKED:
+                    kind = BODY_LENGTH
             elif name == b"transfer-encoding":
                 rewrite = True
-                last = value.rsplit(b",", 1)[-1].strip()
-                kind = BODY_CHUNKED if last == b"chunked" else BODY_UNTIL_CLOSE
+                if not bodiless and (kind == BODY_CHUNKED or value.rstrip(b" ") != b"chunked"):
+                    raise BadGateway("unsupported_upstream_transfer_encoding")
+                kind = BODY_CHUNKED
             else:
                 rewrite = True
-        if head_request or status < 200 or status == 204 or status == 304:
+        if bodiless:
             kind = BODY_NONE
+        elif kind == BODY_CHUNKED and length:
+            raise BadGateway("ambiguous_upstream_framing")
         if rewrite:
             return kind, self.clean(head)
         if not head.startswith(b"HTTP/1.1 "):
@@ -121,11 +130,13 @@ def error_response(
     headers: tuple[tuple[bytes, bytes], ...] = (),
     more_headers: list[tuple[bytes, bytes]] | None = None,
     fields: dict[str, object] | None = None,
+    head_only: bool = False,
 ) -> bytes:
     """A complete JSON answer of the proxy: `{"error": code, **fields, "request_id": id}`.
 
     `extra` is pre-encoded header lines (each starting with CRLF); `headers` and `more_headers` are
-    (name, value) pairs (an error's own, and those the steps added to the exchange).
+    (name, value) pairs (an error's own, and those the steps added to the exchange). `head_only`: the
+    answer to a HEAD request, its head alone (the Content-Length the body would have).
     """
     payload: dict[str, object] = {"error": code}
     if fields:
@@ -145,7 +156,7 @@ def error_response(
             b"".join(lines),
             extra,
             b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",
-            body,
+            b"" if head_only else body,
         )
     )
 

@@ -62,6 +62,10 @@ _PAUSE_CLIENT_BEHIND: Final = 8  # the client does not read our answers: read no
 # place cannot overfill the pipeline by more than one request (a last, connection-closing one).
 _MIN_HEAD: Final = 25
 
+# Framing bytes allowed per chunk when many chunks share a read: a size line with a short extension and the
+# CRLF after the data (see HttpProtocol._chunk_framing).
+_CHUNK_LINE: Final = 128
+
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED_LINE: Final = b"\r\ntransfer-encoding: chunked"
 _CLOSE_LINE: Final = b"\r\nconnection: close"
@@ -130,6 +134,7 @@ class HttpProtocol(asyncio.Protocol):
         "body_deadline",
         "body_received",
         "body_total_deadline",
+        "chunk_headers",
         "chunk_idle",
         "client_ip",
         "closing",
@@ -153,7 +158,6 @@ class HttpProtocol(asyncio.Protocol):
         "parse_failed",
         "parser",
         "paused_since",
-        "progress",
         "pumping",
         "queue",
         "read_paused",
@@ -214,12 +218,12 @@ class HttpProtocol(asyncio.Protocol):
         self.body_deadline = NEVER
         self.body_total_deadline = NEVER
         self.body_received = 0
-        self.progress = False  # the parser reported body progress during the current feed
+        self.chunk_headers = 0  # chunk headers parsed on this connection
         self.chunk_idle = False  # after a chunk header that no data followed yet (the last chunk's trailers)
-        self.framing_bytes = 0  # chunked-body bytes read without body progress (size lines, extensions, trailers)
+        self.framing_bytes = 0  # chunked-body framing bytes read since the last chunk header (see _chunk_framing)
         self.resp_chunked = False
         self.resp_keep_alive = True
-        self.http11 = True
+        self.http11 = True  # the version of the last request parsed (a response uses its own request's)
         # Per-request state (reset in on_message_begin)
         self.url = b""
         self.n_headers = 0
@@ -338,7 +342,10 @@ class HttpProtocol(asyncio.Protocol):
         """Feed one slice; False once the connection is answered for good (framing error, closing)."""
         if self.in_head:
             self.head_raw += len(data)
-        self.progress = False
+        reading = self.reading
+        chunked = reading is not None and reading.body_kind == BODY_CHUNKED
+        body_before = self.body_received
+        chunks_before = self.chunk_headers
         while True:
             try:
                 self.feed(data)
@@ -371,16 +378,31 @@ class HttpProtocol(asyncio.Protocol):
             break
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
-        elif self.reading is not None and not self.progress and self.reading.body_kind == BODY_CHUNKED:
-            # A whole slice of chunk framing without data: chunk-size lines with their extensions, or,
-            # after the last chunk, trailer fields (which httptools accumulates itself). Bound them.
-            self.framing_bytes += len(data)
-            if self.framing_bytes > self.settings.max_header_bytes:
-                if self.chunk_idle:
-                    self._protocol_error(HeadersTooLarge("trailers_too_large"))
-                else:
-                    self._protocol_error(BadRequest("chunk_extension_too_long"))
+        elif chunked and reading is not None:
+            self._chunk_framing(
+                reading, len(data) - (self.body_received - body_before), self.chunk_headers - chunks_before
+            )
         return not (self.closing or self.parse_failed)
+
+    def _chunk_framing(self, exchange: Exchange, overhead: int, chunks: int) -> None:
+        """Bound the chunked framing of a body: chunk-size lines with their extensions (llhttp skips those
+        without a callback) and trailer fields (httptools accumulates them itself), like a head. `overhead`
+        is what a feed held besides body data, `chunks` the chunk headers it completed: a line read alone
+        may reach `max_header_bytes`; a read with chunk headers may hold one such line and `_CHUNK_LINE`
+        bytes of framing per chunk besides."""
+        limit = self.settings.max_header_bytes
+        if chunks:
+            self.framing_bytes = 0
+            over = overhead > limit + chunks * _CHUNK_LINE
+        else:
+            self.framing_bytes += overhead
+            over = self.framing_bytes > limit
+        if over:
+            self.reading = exchange  # (its message may have ended in this read: the error is about it)
+            if self.chunk_idle:  # after the last chunk: trailer fields
+                self._protocol_error(HeadersTooLarge("trailers_too_large"))
+            else:
+                self._protocol_error(BadRequest("chunk_extension_too_long"))
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -415,14 +437,14 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         keep_alive = self.keeps_alive()
         scan = self.scan
-        if self.requests == 0 or not keep_alive or scan.connection is not None:
+        if self.requests == 0 or not keep_alive or scan.connection is not None or not self.http11:
             version = self.parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
             http11 = version == "1.1"
             if not http11 and version != "1.0":
                 raise VersionNotSupported()
             self.http11 = http11
         else:
-            http11 = self.http11  # 1.1 keep-alive without a Connection header: as before on this connection
+            http11 = True  # after a 1.1 request, a keep-alive one without a Connection header: 1.1 again
         method = self.method_of()
         if method == b"CONNECT":
             raise NotImplementedByProxy("connect_not_supported")
@@ -491,9 +513,7 @@ class HttpProtocol(asyncio.Protocol):
         exchange = self.reading
         if exchange is None:
             return
-        self.progress = True
         self.chunk_idle = False
-        self.framing_bytes = 0
         size = len(body)
         self.body_received += size
         exchange.bytes_in += size
@@ -510,9 +530,8 @@ class HttpProtocol(asyncio.Protocol):
         # DONE: answered early (error, or upstream finished first): the body is read and discarded.
 
     def on_chunk_header(self) -> None:
-        self.progress = True
+        self.chunk_headers += 1
         self.chunk_idle = True
-        self.framing_bytes = 0
 
     def on_chunk_complete(self) -> None:
         self.chunk_idle = False
@@ -623,10 +642,11 @@ class HttpProtocol(asyncio.Protocol):
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
         exchange.response_started = True
         exchange.status = status
+        http11 = exchange.protocol is _HTTP11
         keep = exchange.keep_alive and not self.shutting_down and not self.closing
         chunked = False
         if body in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
-            if self.http11:
+            if http11:
                 chunked = True
             else:
                 keep = False  # HTTP/1.0 client: the end of the body is the end of the connection
@@ -642,7 +662,7 @@ class HttpProtocol(asyncio.Protocol):
                 settings.via_line,
                 b"" if added is None else b"".join([b"\r\n%s: %s" % pair for pair in added]),
                 _CHUNKED_LINE if chunked else b"",
-                _CLOSE_LINE if not keep else (b"" if self.http11 else _KEEP_ALIVE_LINE),
+                _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE),
                 b"\r\n\r\n",
             )
         )
@@ -683,10 +703,11 @@ class HttpProtocol(asyncio.Protocol):
             error.detail,
             exchange.request_id,
             close=not keep,
-            extra=b"" if self.http11 or not keep else _KEEP_ALIVE_LINE,
+            extra=b"" if exchange.protocol is _HTTP11 or not keep else _KEEP_ALIVE_LINE,
             headers=error.headers,
             more_headers=exchange.response_headers,
             fields=error.fields,
+            head_only=exchange.method == b"HEAD",
         )
         exchange.bytes_out += len(data)
         self.write(data)
@@ -716,6 +737,8 @@ class HttpProtocol(asyncio.Protocol):
         self._pause(_PAUSE_PIPELINE)
         broken = self.reading
         self.reading = None
+        if broken is not None and broken.phase == PHASE_DONE:
+            broken = None  # answered before its body broke (an early answer): its answer is out already
         active = self.active
         if broken is not None and broken is active:
             active.keep_alive = False
@@ -739,7 +762,9 @@ class HttpProtocol(asyncio.Protocol):
         if exchange is None:
             exchange = self._unparsed_exchange()
         self.out.clear()
-        data = error_response(error.status, error.detail, exchange.request_id, close=True)
+        data = error_response(
+            error.status, error.detail, exchange.request_id, close=True, head_only=exchange.method == b"HEAD"
+        )
         self.write(data)
         exchange.status = error.status
         exchange.error = error.detail

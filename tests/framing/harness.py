@@ -110,7 +110,12 @@ class _Collector:
         self.messages.append(Message())
 
     def on_url(self, url: bytes) -> None:
-        self.messages[-1].target += url
+        message = self.messages[-1]
+        message.target += url
+        if not message.method and isinstance(self.parser, httptools.HttpRequestParser):
+            # Known from here on, as the proxy knows it: its answer to a HEAD whose head then breaks
+            # has no body either.
+            message.method = self.parser.get_method()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         message = self.messages[-1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from proxy.errors import BadGateway
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.forwarding import connection_tokens, valid_request_id
 from proxy.http1.framing import ResponseHeadRewriter, chunk, error_response
@@ -56,8 +57,8 @@ def test_request_id_validation(value: bytes, ok: bool) -> None:
     [
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"GET", BODY_LENGTH),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked", 200, b"GET", BODY_CHUNKED),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked", 200, b"GET", BODY_CHUNKED),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", 200, b"GET", BODY_UNTIL_CLOSE),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked  ", 200, b"GET", BODY_CHUNKED),
+        (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip", 304, b"GET", BODY_NONE),
         (b"HTTP/1.1 200 OK\r\nServer: x", 200, b"GET", BODY_UNTIL_CLOSE),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5", 200, b"HEAD", BODY_NONE),
         (b"HTTP/1.1 204 No Content", 204, b"GET", BODY_NONE),
@@ -68,6 +69,21 @@ def test_response_body_kind(head: bytes, status: int, method: bytes, kind: BodyK
     found, cleaned = ResponseHeadRewriter().inspect(head, status, method == b"HEAD")
     assert found is kind
     assert b"transfer-encoding" not in cleaned.lower()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: gzip, chunked",  # a coding the proxy cannot undo for the client
+        b"Transfer-Encoding: gzip",
+        b"Transfer-Encoding: chunked\t",  # llhttp reads the body to the close, not chunked
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5",
+    ],
+)
+def test_response_framings_the_proxy_cannot_pass_on_are_502(framing: bytes) -> None:
+    with pytest.raises(BadGateway):
+        ResponseHeadRewriter().inspect(b"HTTP/1.1 200 OK\r\n" + framing, 200, False)
 
 
 def test_inspect_leaves_plain_heads_alone() -> None:
