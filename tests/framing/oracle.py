@@ -210,7 +210,9 @@ def bare_lf(message: bytes) -> bool:
 
 
 def obs_fold(message: bytes) -> bool:
-    return re.search(rb"\n[ \t]", _head(message)) is not None
+    """A folded line (starting with SP or HTAB) in the head or the trailers."""
+    _, trailers = chunk_framing(message)
+    return re.search(rb"\n[ \t]", b"".join([_head(message), *trailers])) is not None
 
 
 def control_chars(message: bytes) -> bool:
