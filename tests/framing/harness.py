@@ -195,6 +195,10 @@ def _parse_head_responses(data: bytes) -> tuple[list[Message], str | None]:
             if data:
                 messages.append(Message(body=data))
             return messages, None
+        if data and not collector.parser.should_keep_alive():
+            # llhttp, reading the whole stream with one parser, ends the connection with an HTTP/1.0 1xx
+            # that does not ask to keep it: what follows is an error to it (and a 502 from the proxy).
+            return messages, "HttpParserError: Data after `Connection: close`"
 
 
 def _until_close(message: Message) -> bool:
