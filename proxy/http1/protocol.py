@@ -133,6 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         "backlog",
         "body_deadline",
         "body_received",
+        "body_seen",
         "body_total_deadline",
         "chunk_headers",
         "chunk_idle",
@@ -219,6 +220,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body_total_deadline = NEVER
         self.body_received = 0
         self.chunk_headers = 0  # chunk headers parsed on this connection
+        self.body_seen = 0  # request body bytes parsed on this connection
         self.chunk_idle = False  # after a chunk header that no data followed yet (the last chunk's trailers)
         self.framing_bytes = 0  # chunked-body framing bytes read since the last chunk header (see _chunk_framing)
         self.resp_chunked = False
@@ -344,7 +346,7 @@ class HttpProtocol(asyncio.Protocol):
             self.head_raw += len(data)
         reading = self.reading
         chunked = reading is not None and reading.body_kind == BODY_CHUNKED
-        body_before = self.body_received
+        body_before = self.body_seen
         chunks_before = self.chunk_headers
         while True:
             try:
@@ -379,9 +381,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
         elif chunked and reading is not None:
-            self._chunk_framing(
-                reading, len(data) - (self.body_received - body_before), self.chunk_headers - chunks_before
-            )
+            self._chunk_framing(reading, len(data) - (self.body_seen - body_before), self.chunk_headers - chunks_before)
         return not (self.closing or self.parse_failed)
 
     def _chunk_framing(self, exchange: Exchange, overhead: int, chunks: int) -> None:
@@ -515,6 +515,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.chunk_idle = False
         size = len(body)
+        self.body_seen += size
         self.body_received += size
         exchange.bytes_in += size
         if self.body_received > self.settings.max_body:
