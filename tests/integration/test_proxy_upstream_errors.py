@@ -1,6 +1,6 @@
 """Upstream failures seen through a real proxy process: down (503), no response (502), reset in the
 middle of a body (truncated response, no hang), and upstreams that close their connection, including
-a pooled connection that dies as it is reused (retried once for idempotent requests, DESIGN.md 2).
+a pooled connection that dies as it is reused (retried once for idempotent requests; docs/architecture.md, section 3).
 """
 
 from __future__ import annotations
