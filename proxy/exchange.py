@@ -382,7 +382,8 @@ class Exchange:
         """The exchange ended on the client side: its response written, answered, reset, or its client
         gone. Runs the worker's finished hooks. Exactly once: a second call is a bug (IllegalTransition)."""
         self._enter(PHASE_DONE, NEVER)
-        self._release(False)
+        if self.parked is not None:
+            self._release(False)
         if self.pending_body is not None:
             self.drop_body()
         self.t_end = perf_counter()

@@ -105,8 +105,9 @@ class WorkerState:
         self.tick_interval = min(1.0, max(0.02, smallest / 4))
 
     def next_request_id(self) -> bytes:
+        """`<12 random hex digits of this worker>-<a counter>`: unique across workers and restarts."""
         self._id_counter += 1
-        return b"%s%x" % (self._id_prefix, self._id_counter)
+        return self._id_prefix + str(self._id_counter).encode()
 
     def start(self) -> None:
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)

@@ -52,13 +52,14 @@ class ResponseHeadRewriter:
     so the common response needs no rewriting at all.
     """
 
-    __slots__ = ("_pattern", "scan")
+    __slots__ = ("_pattern", "quick", "scan")
 
     def __init__(self, drop: tuple[bytes, ...] = ()) -> None:
         drop = tuple(name.lower() for name in drop)
         self._pattern = _hop_regex(drop)
-        alternatives = _alternation(HOP_BY_HOP | set(drop) | {b"content-length"})
         # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
+        self.quick = re.compile(rb"\r\n" + _alternation(HOP_BY_HOP | set(drop)) + rb"[ \t]*:")
+        alternatives = _alternation(HOP_BY_HOP | set(drop) | {b"content-length"})
         self.scan = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)")
 
     def inspect(self, head: bytes, status: int, head_request: bool) -> tuple[BodyKind, bytes]:
@@ -71,10 +72,21 @@ class ResponseHeadRewriter:
         is answered 502 (BadGateway raised).
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
+        low = head.lower()
+        if self.quick.search(low) is None:
+            # The usual response: nothing to remove, framed by Content-Length or by the close. (llhttp
+            # refuses whitespace before a field's colon, so the name is followed by the colon itself.)
+            if bodiless:
+                kind = BODY_NONE
+            else:
+                kind = BODY_LENGTH if low.find(b"\r\ncontent-length:") >= 0 else BODY_UNTIL_CLOSE
+            if not head.startswith(b"HTTP/1.1 "):
+                head = b"HTTP/1.1 " + head.partition(b" ")[2]
+            return kind, head
         kind = BODY_UNTIL_CLOSE
         rewrite = False
         length = False
-        for name, value in self.scan.findall(head.lower()):
+        for name, value in self.scan.findall(low):
             if name == b"content-length":
                 length = True
                 if kind != BODY_CHUNKED:

@@ -42,6 +42,7 @@ from proxy.exchange import (
     NEVER,
     PHASE_BUFFERING,
     PHASE_DONE,
+    PHASE_QUEUED,
     BodyKind,
     Exchange,
 )
@@ -256,7 +257,8 @@ class HttpProtocol(asyncio.Protocol):
             self._feed(data)  # (the usual read: too short to overfill the pipeline; see _parse)
         else:
             self._parse(data)
-        if self.queue or self.backlog or (self.active is not None and self.active.phase == PHASE_BUFFERING):
+        active = self.active
+        if (active is not None and (active.phase == PHASE_QUEUED or active.phase == PHASE_BUFFERING)) or self.backlog:
             self._pump()
 
     def eof_received(self) -> bool | None:
@@ -505,9 +507,11 @@ class HttpProtocol(asyncio.Protocol):
             self.body_deadline = now + settings.body_timeout
             self.body_total_deadline = now + settings.body_total_timeout
             self.framing_bytes = 0
-        if self.active is not None or self.queue:
+        if self.active is None and not self.queue:
+            self.active = exchange  # (QUEUED: dispatched by _pump once the parser has returned)
+        else:
             self._pause(_PAUSE_PIPELINE)
-        self.queue.append(exchange)
+            self.queue.append(exchange)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.reading
@@ -576,6 +580,9 @@ class HttpProtocol(asyncio.Protocol):
                         exchange, self.deferred_exchange = self.deferred_exchange, None
                         self._answer_and_close(error, exchange)
                         break
+                elif active.phase == PHASE_QUEUED:
+                    self.settings.dispatch(active)
+                    continue
                 elif active.phase == PHASE_BUFFERING and (active.body_done or active.pending_bytes >= active.reserved):
                     active.body_ready()
                     continue

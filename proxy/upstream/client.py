@@ -318,7 +318,11 @@ class UpstreamConnection(asyncio.Protocol):
         assert exchange is not None
         status = self.status_of()
         buf = self.head_buf
-        end = buf.find(b"\r\n\r\n", self.head_start)
+        start = self.head_start
+        while buf.startswith(b"\r\n", start):  # empty lines llhttp skipped between responses
+            start += 2
+        self.head_start = start
+        end = buf.find(b"\r\n\r\n", start)
         if status < 200:
             if status == 101:
                 raise BadGateway("unexpected_upgrade")
