@@ -78,8 +78,10 @@ class ResponseHeadRewriter:
             # refuses whitespace before a field's colon, so the name is followed by the colon itself.)
             if bodiless:
                 kind = BODY_NONE
+            elif low.find(b"\r\ncontent-length:") >= 0:
+                kind = BODY_LENGTH
             else:
-                kind = BODY_LENGTH if low.find(b"\r\ncontent-length:") >= 0 else BODY_UNTIL_CLOSE
+                kind = BODY_UNTIL_CLOSE
             if not head.startswith(b"HTTP/1.1 "):
                 head = b"HTTP/1.1 " + head.partition(b" ")[2]
             return kind, head
