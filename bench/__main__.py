@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--request",
         choices=tuple(REQUEST_SCRIPTS),
         default="plain",
-        help="plain: wrk's bare GET; realistic: an API client's ~600-byte head (default plain)",
+        help="plain: wrk's bare GET; realistic: an API client's ~600-byte head; body: POST 16 KiB of JSON "
+        "(default plain)",
     )
     parser.add_argument("--duration", default="10s", help="wrk -d per measured run (default 10s)")
     parser.add_argument("--warmup", default="2s", help="wrk -d of the warm-up before each run (default 2s)")

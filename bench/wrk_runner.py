@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BODY_LUA",
     "REALISTIC_LUA",
     "REPORT_LUA",
     "REQUEST_SCRIPTS",
@@ -28,7 +29,9 @@ REPORT_LUA = Path(__file__).resolve().parent / "wrk" / "report.lua"
 """Prints the JSON report line; on its own, wrk sends its plain `GET <path>` with a Host header only."""
 REALISTIC_LUA = REPORT_LUA.with_name("realistic.lua")
 """A real API client's request head (~600 bytes), then report.lua's report line."""
-REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA}
+BODY_LUA = REPORT_LUA.with_name("body.lua")
+"""POST with a 16 KiB JSON body, then report.lua's report line."""
+REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA}
 """`--request` choice -> the wrk script."""
 _MARKER = "WRK_JSON "
 _DURATION = re.compile(r"^(\d+)(s|m|h)?$")

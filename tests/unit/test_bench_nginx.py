@@ -35,7 +35,7 @@ from bench.report import (
     saturation_notes,
     summarize,
 )
-from bench.wrk_runner import REALISTIC_LUA, REPORT_LUA, WrkResult
+from bench.wrk_runner import BODY_LUA, REALISTIC_LUA, REPORT_LUA, WrkResult
 
 
 def _result(requests: int, p50: float = 100.0) -> WrkResult:
@@ -228,7 +228,7 @@ def test_bad_choices_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str])
 
 
 def test_request_scripts() -> None:
-    assert bench_main.REQUEST_SCRIPTS == {"plain": REPORT_LUA, "realistic": REALISTIC_LUA}
+    assert bench_main.REQUEST_SCRIPTS == {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA}
 
 
 def test_choose_backend() -> None:
