@@ -4,6 +4,8 @@ and the assertions every proxy test makes about error answers and closed connect
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from typing import Any
 
@@ -69,3 +71,47 @@ def assert_closed_after_response(conn: RawHTTPConnection) -> None:
     """The proxy closes its side after the response: EOF, and nothing else (no second response) arrives."""
     assert conn.closed_by_peer(CLOSE_TIMEOUT), "the proxy kept the connection open"
     assert conn.buffer == b"", f"unexpected bytes after the response: {conn.buffer[:300]!r}"
+
+
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 for tests that need an upstream to misbehave in a precise way: each accepted
+    connection is handed to `handle` in a thread of its own; `close()` stops accepting, waits for the
+    threads (each must return once `stopping` is set or its peer closes) and closes every socket."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept_loop, name=type(self).__name__, daemon=True)]
+        self.threads[0].start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.conns.append(conn)
+            thread = threading.Thread(target=self.handle, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in list(self.threads):
+            thread.join(IO_TIMEOUT)
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        assert not any(thread.is_alive() for thread in self.threads), f"{type(self).__name__} did not stop"

@@ -8,7 +8,6 @@ request counter (its /stats request counts once). Every wait has a deadline (tes
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from devstack import ProxyFactory, RawHTTPConnection, Service
 from tests.corpus.corpus import RequestCase, ResponseCase, params, request_cases, response_cases
 from tests.framing.harness import parse_client_response
-from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, backend_requests
+from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, LoopbackServer, backend_requests
 
 
 @pytest.mark.parametrize("case", params(request_cases()))
@@ -60,50 +59,28 @@ def test_request_case_live(
     assert backend_requests(backend_stub) - before - 1 == case.forwarded
 
 
-class RawUpstream:
-    """A loopback upstream that answers each connection's first request with fixed bytes, then closes
-    (`eof`) or holds the connection until `close()`."""
+class RawUpstream(LoopbackServer):
+    """Answers each connection's first request with fixed bytes, then closes (`eof`) or holds the
+    connection until `close()`."""
 
     def __init__(self, answer: bytes, eof: bool) -> None:
         self.answer, self.eof = answer, eof
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.stopping = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, name="raw-upstream", daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.conns.append(conn)
-            conn.settimeout(IO_TIMEOUT)
-            try:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    data += piece
-                conn.sendall(self.answer)
-                if self.eof:
-                    conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(IO_TIMEOUT)
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
-        assert not self.thread.is_alive(), "the raw upstream did not stop"
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(IO_TIMEOUT)
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    break
+                data += piece
+            conn.sendall(self.answer)
+            if self.eof:
+                conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from devstack import ProxyFactory, RawHTTPConnection, Service, free_port
-from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, assert_json_error, backend_stats
+from tests.helpers import CLOSE_TIMEOUT, IO_TIMEOUT, LoopbackServer, assert_json_error, backend_stats
 
 API_BODY = {"id": 1, "name": "resource", "tags": ["a", "b"], "ok": True}
 
@@ -121,50 +120,16 @@ def test_upstream_connection_close_is_not_reused(
     assert backend_stats(backend_stub)["connections_accepted"] - before == 3 + 1 + 1
 
 
-class OneShotUpstream:
+class OneShotUpstream(LoopbackServer):
     """A loopback HTTP/1.1 server that answers the first request of each connection (keep-alive, no
     `Connection: close`) and closes the connection without answering when a second request arrives
     on it: what a proxy sees when a server's keep-alive timeout races with the reuse of the connection.
     """
 
     def __init__(self) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        host, port = self.listener.getsockname()
-        self.address = f"{host}:{port}"
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.connections = 0
         self.answered: list[str] = []
         self.dropped: list[str] = []
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        thread = threading.Thread(target=self._accept_loop, name="one-shot-upstream", daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(IO_TIMEOUT)
-        self.listener.close()
-
-    def _accept_loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        super().__init__()
 
     def _recv(self, conn: socket.socket) -> bytes:
         """The next bytes from `conn`; b"" when the peer closed or the server is stopping."""
@@ -197,7 +162,7 @@ class OneShotUpstream:
         del buffer[: end + length]
         return head.split("\r\n", 1)[0]
 
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(0.1)
         buffer = bytearray()
         with conn, contextlib.suppress(OSError):
@@ -216,11 +181,10 @@ class OneShotUpstream:
 @contextlib.contextmanager
 def _one_shot_upstream() -> Iterator[OneShotUpstream]:
     server = OneShotUpstream()
-    server.start()
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 def test_pooled_connection_closed_on_reuse_is_retried_for_idempotent_requests(
