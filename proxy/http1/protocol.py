@@ -650,7 +650,7 @@ class HttpProtocol(asyncio.Protocol):
         """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
         exchange.response_started = True
         exchange.status = status
-        http11 = exchange.protocol is _HTTP11
+        http11 = exchange.protocol == _HTTP11
         keep = exchange.keep_alive and not self.shutting_down and not self.closing
         chunked = False
         if body in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
@@ -711,7 +711,7 @@ class HttpProtocol(asyncio.Protocol):
             error.detail,
             exchange.request_id,
             close=not keep,
-            extra=b"" if exchange.protocol is _HTTP11 or not keep else _KEEP_ALIVE_LINE,
+            extra=b"" if exchange.protocol == _HTTP11 or not keep else _KEEP_ALIVE_LINE,
             headers=error.headers,
             more_headers=exchange.response_headers,
             fields=error.fields,
