@@ -160,9 +160,11 @@ class HttpProtocol(asyncio.Protocol):
         "parse_failed",
         "parser",
         "paused_since",
+        "peer_done",
         "pumping",
         "queue",
         "read_paused",
+        "read_paused_at",
         "reading",
         "requests",
         "resp_chunked",
@@ -204,6 +206,8 @@ class HttpProtocol(asyncio.Protocol):
         self.pumping = False
         self.reading: Exchange | None = None  # the exchange whose message the parser is in
         self.read_paused = 0
+        self.read_paused_at = 0.0  # when the proxy last paused reading (the total body clock stops meanwhile)
+        self.peer_done = False  # the client half-closed (half_close = "finish"): close once what it sent is answered
         self.write_paused = False
         self.paused_since = 0.0
         self.closing = False
@@ -265,6 +269,7 @@ class HttpProtocol(asyncio.Protocol):
         """Client half-closed. With `server.half_close = "abort"` (like NGINX) the exchanges in flight are
         given up (499); with "finish" they are answered, then the connection closes."""
         if (self.active is None and not self.queue) or self.settings.abort_on_half_close:
+            self.closing = True  # uvloop closes the transport; dispatch nothing more before connection_lost
             return None  # close: connection_lost gives up whatever is in flight
         self._no_more_requests()
         return True
@@ -302,6 +307,8 @@ class HttpProtocol(asyncio.Protocol):
         """Client caught up: read the upstream response (and its requests) again."""
         self.write_paused = False
         self._resume(_PAUSE_CLIENT_BEHIND)
+        if self.backlog:
+            self._pump()
         exchange = self.active
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.resume_response()
@@ -350,6 +357,7 @@ class HttpProtocol(asyncio.Protocol):
         chunked = reading is not None and reading.body_kind == BODY_CHUNKED
         body_before = self.body_seen
         chunks_before = self.chunk_headers
+        requests_before = self.requests
         while True:
             try:
                 self.feed(data)
@@ -383,10 +391,15 @@ class HttpProtocol(asyncio.Protocol):
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
         elif chunked and reading is not None:
-            self._chunk_framing(reading, len(data) - (self.body_seen - body_before), self.chunk_headers - chunks_before)
+            self._chunk_framing(
+                reading,
+                len(data) - (self.body_seen - body_before),
+                self.chunk_headers - chunks_before,
+                self.requests - requests_before,
+            )
         return not (self.closing or self.parse_failed)
 
-    def _chunk_framing(self, exchange: Exchange, overhead: int, chunks: int) -> None:
+    def _chunk_framing(self, exchange: Exchange, overhead: int, chunks: int, later: int) -> None:
         """Bound the chunked framing of a body: chunk-size lines with their extensions (llhttp skips those
         without a callback) and trailer fields (httptools accumulates them itself), like a head. `overhead`
         is what a feed held besides body data, `chunks` the chunk headers it completed: a line read alone
@@ -401,10 +414,18 @@ class HttpProtocol(asyncio.Protocol):
             over = self.framing_bytes > limit
         if over:
             self.reading = exchange  # (its message may have ended in this read: the error is about it)
-            if self.chunk_idle:  # after the last chunk: trailer fields
-                self._protocol_error(HeadersTooLarge("trailers_too_large"))
-            else:
-                self._protocol_error(BadRequest("chunk_extension_too_long"))
+            # After the last chunk: trailer fields.
+            error: ProxyError = (
+                HeadersTooLarge("trailers_too_large") if self.chunk_idle else BadRequest("chunk_extension_too_long")
+            )
+            # Requests parsed after the broken body in the same feed were never valid to forward.
+            for _ in range(later):
+                if self.queue:
+                    self.queue.pop().drop(error)
+                elif self.active is not None and self.active is not exchange and self.active.phase == PHASE_QUEUED:
+                    dropped, self.active = self.active, None
+                    dropped.drop(error)
+            self._protocol_error(error)
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -586,7 +607,11 @@ class HttpProtocol(asyncio.Protocol):
                 elif active.phase == PHASE_BUFFERING and (active.body_done or active.pending_bytes >= active.reserved):
                     active.body_ready()
                     continue
-                if self.backlog and len(self.queue) < self.settings.max_pipelined:
+                if (
+                    self.backlog
+                    and len(self.queue) < self.settings.max_pipelined
+                    and not self.read_paused & _PAUSE_CLIENT_BEHIND
+                ):
                     data, self.backlog = self.backlog, b""
                     self._parse(data)
                     continue
@@ -600,7 +625,7 @@ class HttpProtocol(asyncio.Protocol):
         """The active exchange's response is written: end it and move on to the next one."""
         self.active = None
         exchange.finish()
-        if not keep or self.closing:
+        if not keep or self.closing or (self.peer_done and not self.queue and not self.backlog):
             self._close()
             return
         self.idle_since = self.state.now
@@ -609,14 +634,18 @@ class HttpProtocol(asyncio.Protocol):
             self._resume(_PAUSE_BODY_BUFFER | _PAUSE_UPSTREAM)
         if self.queue or self.backlog or self.deferred_error is not None or self.read_paused:
             self._pump()
+            if self.peer_done:
+                self._close_when_all_answered()  # (a method: mypyc narrowed `self.active` to None here)
+
+    def _close_when_all_answered(self) -> None:
+        if self.active is None and not self.queue and not self.backlog:
+            self._close()
 
     def _no_more_requests(self) -> None:
         """Answer what was received, then close (the client half-closed)."""
-        self.resp_keep_alive = False
-        for exchange in self.queue:
-            exchange.keep_alive = False
-        if self.active is not None:
-            self.active.keep_alive = False
+        self.peer_done = True
+        if not self.queue and not self.backlog and self.active is not None:
+            self.active.keep_alive = False  # the last request the client sent: its answer says close
 
     # ------------------------------------------------------------------ Downstream (exchange.py)
 
@@ -639,7 +668,7 @@ class HttpProtocol(asyncio.Protocol):
         if kind in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
             head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
             kind = BODY_LENGTH
-        if self.transport is not None:
+        if self.transport is not None and not self.closing:
             data = b"".join((self._head(exchange, status, head, kind), body))
             exchange.bytes_out += len(data)
             self.write(data)
@@ -684,7 +713,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def response_flush(self, exchange: Exchange) -> None:
         out = self.out
-        if out and self.transport is not None:
+        if out and self.transport is not None and not self.closing:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             exchange.bytes_out += len(data)
@@ -817,6 +846,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self.closing = True  # connection_lost comes later: dispatch nothing more meanwhile
             self.transport.abort()
 
     def shutdown(self) -> None:
@@ -887,6 +917,7 @@ class HttpProtocol(asyncio.Protocol):
     def _pause(self, reason: int) -> None:
         if not self.read_paused and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
+            self.read_paused_at = self.state.now
         self.read_paused |= reason
 
     def _resume(self, reasons: int) -> None:
@@ -901,6 +932,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.head_deadline = now + self.settings.header_timeout
             if self.reading is not None and self.reading.body_kind != BODY_NONE:
                 self.body_deadline = now + self.settings.body_timeout
+                if self.body_total_deadline != NEVER:
+                    self.body_total_deadline += now - self.read_paused_at
 
     def __repr__(self) -> str:
         return f"<HttpProtocol {self.client_ip.decode()} requests={self.requests} active={self.active}>"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from proxy.errors import BadGateway, ProxyError
-from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Exchange
+from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, NEVER, Exchange
 from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         "timeout",
         "transport",
         "write",
+        "write_paused",
     )
 
     def __init__(
@@ -135,6 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.slot_held = True  # counted in server.open; released exactly once by `_drop_slot`
         self.closed = False
         self.reading_paused = False
+        self.write_paused = False  # our write buffer is above the high-water mark (kept across exchanges)
         self.idle_since = 0.0
         self.requests = 0
         # Per-exchange state
@@ -297,12 +299,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """Upstream socket buffer full: stop reading the request body downstream."""
+        self.write_paused = True
         exchange = self.exchange
         if exchange is not None:
             exchange.downstream.pause_reading(exchange)
 
     def resume_writing(self) -> None:
         """Upstream socket buffer drained: read the request body again."""
+        self.write_paused = False
         exchange = self.exchange
         if exchange is not None:
             exchange.downstream.resume_reading(exchange)
@@ -375,7 +379,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_buf = b""
         self.head_start = 0
         self.head_done = self.complete = self.got_bytes = self.delivered = False
-        exchange.sent(self, self.server.address, self.state.now + self.timeout)
+        # The response clock starts once the request is all sent: while the client is still sending its body,
+        # its own body clocks say how long that may take (a slow client is not a slow upstream).
+        exchange.sent(self, self.server.address, self.state.now + self.timeout if exchange.body_done else NEVER)
         downstream = exchange.downstream
         if downstream.write_paused:  # the client is behind already (pipelining): do not read for it
             self.pause_response()
@@ -390,22 +396,25 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.body_done and exchange.body_kind == BODY_CHUNKED:
             parts.append(LAST_CHUNK)
         self.write(b"".join(parts))
+        if self.write_paused and not exchange.body_done:
+            downstream.pause_reading(exchange)  # still above the mark from before: uvloop will not say so again
 
     def send_body(self, data: bytes) -> None:
         """A piece of request body (decoded); re-chunked when the request is chunked."""
         exchange = self.exchange
         if exchange is None or self.transport is None or self.closed:
             return
-        exchange.touch(self.state.now + self.timeout)
         self.transport.write(chunk(data) if exchange.body_kind == BODY_CHUNKED else data)
 
     def end_body(self) -> None:
-        """The request body is complete."""
+        """The request body is complete: the response clock starts (unless the client holds it)."""
         exchange = self.exchange
         if exchange is None or self.transport is None or self.closed:
             return
         if exchange.body_kind == BODY_CHUNKED:
             self.transport.write(LAST_CHUNK)
+        if not self.reading_paused:
+            exchange.release_hold(self.state.now + self.timeout)
 
     def pause_response(self) -> None:
         """The downstream cannot take more response: stop reading upstream (and stop the response clock)."""
@@ -419,8 +428,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-        if self.exchange is not None:
-            self.exchange.release_hold(self.state.now + self.timeout)
+        exchange = self.exchange
+        if exchange is not None and exchange.body_done:
+            exchange.release_hold(self.state.now + self.timeout)
 
     def close(self, abort: bool = False) -> None:
         if self.transport is not None and not self.closed:
