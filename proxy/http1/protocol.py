@@ -796,12 +796,13 @@ class HttpProtocol(asyncio.Protocol):
             if exchange is not None:
                 exchange.cancel()
             return
+        # A request whose head parsed gets HEAD semantics; of a broken head the method is not to be trusted
+        # (and the connection closes after the answer either way).
+        head_only = exchange is not None and exchange.method == b"HEAD"
         if exchange is None:
             exchange = self._unparsed_exchange()
         self.out.clear()
-        data = error_response(
-            error.status, error.detail, exchange.request_id, close=True, head_only=exchange.method == b"HEAD"
-        )
+        data = error_response(error.status, error.detail, exchange.request_id, close=True, head_only=head_only)
         self.write(data)
         exchange.status = error.status
         exchange.error = error.detail

@@ -110,12 +110,7 @@ class _Collector:
         self.messages.append(Message())
 
     def on_url(self, url: bytes) -> None:
-        message = self.messages[-1]
-        message.target += url
-        if not message.method and isinstance(self.parser, httptools.HttpRequestParser):
-            # Known from here on, as the proxy knows it: its answer to a HEAD whose head then breaks
-            # has no body either.
-            message.method = self.parser.get_method()
+        self.messages[-1].target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         message = self.messages[-1]
@@ -179,6 +174,8 @@ def _parse_head_responses(data: bytes) -> tuple[list[Message], str | None]:
     """Responses to HEAD: llhttp cannot be told, so each head is parsed alone and ends its message."""
     messages: list[Message] = []
     while True:
+        while data.startswith(b"\r\n"):  # empty lines between responses, which llhttp skips
+            data = data[2:]
         end = data.find(b"\r\n\r\n")
         collector = _Collector()
         collector.parser = httptools.HttpResponseParser(collector)
