@@ -146,6 +146,7 @@ class HttpProtocol(asyncio.Protocol):
         "feed",
         "framing_bytes",
         "head_deadline",
+        "head_method",
         "head_raw",
         "header_bytes",
         "http11",
@@ -231,6 +232,7 @@ class HttpProtocol(asyncio.Protocol):
         self.resp_chunked = False
         self.resp_keep_alive = True
         self.http11 = True  # the version of the last request parsed (a response uses its own request's)
+        self.head_method = b""  # the method of the last head llhttp accepted whole
         # Per-request state (reset in on_message_begin)
         self.url = b""
         self.n_headers = 0
@@ -433,6 +435,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing or self.parse_failed:
             raise _StopParsing()  # answered and closing: nothing after this is read
         self.in_head = True
+        self.head_method = b""
         self.head_raw = 0
         self.head_deadline = self.state.now + self.settings.header_timeout
         self.url = b""
@@ -456,6 +459,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.head_method = method = self.method_of()  # (the head parsed: its method can be trusted)
         settings = self.settings
         state = self.state
         keep_alive = self.keeps_alive()
@@ -468,7 +472,6 @@ class HttpProtocol(asyncio.Protocol):
             self.http11 = http11
         else:
             http11 = True  # after a 1.1 request, a keep-alive one without a Connection header: 1.1 again
-        method = self.method_of()
         if method == b"CONNECT":
             raise NotImplementedByProxy("connect_not_supported")
         kind, length = request_framing(scan.te, scan.length, http11, settings.max_body)
@@ -796,9 +799,9 @@ class HttpProtocol(asyncio.Protocol):
             if exchange is not None:
                 exchange.cancel()
             return
-        # A request whose head parsed gets HEAD semantics; of a broken head the method is not to be trusted
-        # (and the connection closes after the answer either way).
-        head_only = exchange is not None and exchange.method == b"HEAD"
+        # A request whose head parsed gets HEAD semantics; of a head that did not parse, the method is not to
+        # be trusted (and the connection closes after the answer either way).
+        head_only = (exchange.method if exchange is not None else self.head_method) == b"HEAD"
         if exchange is None:
             exchange = self._unparsed_exchange()
         self.out.clear()
@@ -815,7 +818,7 @@ class HttpProtocol(asyncio.Protocol):
         return Exchange(
             worker=self.state,
             downstream=self,
-            method=self.method_of() if self.url else b"",
+            method=self.head_method or (self.method_of() if self.url else b""),
             target=self.url,
             host=b"",
             headers=[],

@@ -330,11 +330,12 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200:
             if status == 101:
                 raise BadGateway("unexpected_upgrade")
-            informational = buf[self.head_start : end].lower()
-            if informational.find(b"\r\ncontent-length") >= 0 or informational.find(b"\r\ntransfer-encoding") >= 0:
-                # A 1xx response ends at its head (RFC 9112 6.3); llhttp would read a body for it, which is
-                # really a malformed next response.
-                raise BadGateway("invalid_informational_response")
+            if status != 100:
+                informational = buf[self.head_start : end].lower()
+                if informational.find(b"\r\ncontent-length") >= 0 or informational.find(b"\r\ntransfer-encoding") >= 0:
+                    # A 1xx response ends at its head (RFC 9112 6.3), but llhttp (for any 1xx but 100) would
+                    # read a body for it, which is really a malformed next response.
+                    raise BadGateway("invalid_informational_response")
             self.head_start = end + 4  # informational response: dropped (Expect is never forwarded)
             return
         head = buf[self.head_start : end] if self.head_start else buf[:end]

@@ -94,6 +94,7 @@ class Message:
     complete: bool = False
     upgrade: bool = False
     head_done: bool = False  # (trailer fields come after it: not headers)
+    keep_alive: bool = True  # llhttp's verdict at the end of the head
 
     def header(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key.lower() == name]
@@ -120,6 +121,7 @@ class _Collector:
     def on_headers_complete(self) -> None:
         message = self.messages[-1]
         message.head_done = True
+        message.keep_alive = self.parser.should_keep_alive()
         message.version = self.parser.get_http_version()
         if isinstance(self.parser, httptools.HttpRequestParser):
             message.method = self.parser.get_method()
@@ -192,7 +194,7 @@ def _parse_head_responses(data: bytes) -> tuple[list[Message], str | None]:
             if data:
                 messages.append(Message(body=data))
             return messages, None
-        if data and not collector.parser.should_keep_alive():
+        if data and not collector.messages[-1].keep_alive:
             # llhttp, reading the whole stream with one parser, ends the connection with an HTTP/1.0 1xx
             # that does not ask to keep it: what follows is an error to it (and a 502 from the proxy).
             return messages, "HttpParserError: Data after `Connection: close`"
@@ -419,6 +421,17 @@ class RequestRun:
             if parsed is None:
                 break
             response, consumed = parsed
+            if (
+                head_request
+                and data[consumed:]
+                and is_proxy_answer(response)
+                and response.header("connection") == "close"
+            ):
+                # The proxy's own rejection of a head it did not accept whole (its method is then not trusted,
+                # so the answer keeps its body); the connection ends after it either way.
+                whole = parse_client_response(data, False, self.closed)
+                if whole is not None and whole[1] == len(data):
+                    response, consumed = whole
             data = data[consumed:]
             if response.status >= 200:
                 out.append(response)
