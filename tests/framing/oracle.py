@@ -384,8 +384,9 @@ REQUEST_RULES: tuple[Rule, ...] = (
 
 
 def stray_line_break_after_head(message: bytes) -> bool:
-    """An empty line after a response head that ends its message (a 1xx): llhttp skips it, h11 rejects it."""
-    return re.search(rb"\r\n\r\n\r?\n", message) is not None
+    """An empty line after a response head that ends its message (a 1xx): llhttp skips it (or waits for the
+    LF of a lone CR at the end), h11 rejects it."""
+    return re.search(rb"\r\n\r\n(?:\r?\n|\r$)", message) is not None
 
 
 def _in_any_response(predicate: Predicate) -> Predicate:
