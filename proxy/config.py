@@ -679,7 +679,7 @@ def _jwt(problems: list[tuple[str, object, str]], table: object, reserved: froze
             )
     elif secret:
         problems.append((prefix + "secret", _hidden(secret), "set, but no HS256/HS384/HS512 in auth.jwt.algorithms"))
-    if keyed and not jwks_url:
+    if keyed and "jwks_url" not in table:
         problems.append((prefix + "jwks_url", None, f"is required for {', '.join(keyed)}"))
     elif jwks_url and not keyed:
         problems.append((prefix + "jwks_url", jwks_url, "set, but auth.jwt.algorithms has no key algorithm"))
