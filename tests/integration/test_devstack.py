@@ -269,6 +269,12 @@ def test_devstack_run_end_to_end(tmp_path: Path) -> None:
         assert m, text
         status, body = http_get(m.group(2), headers={"Authorization": f"Bearer {m.group(1)}"})
         assert status == 200, body
+        bare = re.search(r"curl -i (http://\S+)", text)
+        assert bare and bare.group(1) == m.group(2), text
+        status, body = http_get(bare.group(1))
+        assert status == 401, body  # the printed curl's route really checks the token
+        status, body = http_get(m.group(2), headers={"Authorization": f"Bearer {m.group(1)[:-4]}AAAA"})
+        assert status == 401, body
         assert re.search(r"redis\s+redis://127\.0\.0\.1:\d+/0", text), text
         pids_line = re.search(r"pids\s+(.*)", text)
         assert pids_line, text
