@@ -16,6 +16,8 @@ never appears anywhere but in the cache keys.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -81,9 +83,8 @@ class JwtAuthority:
             return self.missing
         if not token or token.count(b".") != 2:
             return self._reject(header, self.malformed, now)
-        try:
-            fields = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        fields = _header(token)
+        if fields is None:
             return self._reject(header, self.malformed, now)
         alg = fields.get("alg")
         if not isinstance(alg, str) or alg not in self.allowed:
@@ -156,6 +157,19 @@ class JwtAuthority:
         """Drop expired entries of both caches (a worker tick subscriber, now and then)."""
         self.cache.sweep(now)
         self.rejected.sweep(now)
+
+
+def _header(token: bytes) -> dict[str, Any] | None:
+    """The JOSE header of a compact JWT, only to choose the algorithm and key (pyjwt parses it again and
+    checks its `alg` against the one chosen); None when it is not base64url JSON of an object. One
+    segment with the C base64 decoder: pyjwt's own helper validates all three segments character by
+    character in Python, a third of the cost of a first verification."""
+    segment = token[: token.index(b".")]
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _unverified_claims(token: bytes) -> dict[str, Any]:
