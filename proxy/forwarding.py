@@ -3,7 +3,8 @@
 Pure functions of (method, target, host, header pairs, client address, scheme): an HTTP/1.1 connection,
 an HTTP/2 stream or a TLS connection hand the same inputs here and get the same upstream request.
 `HeadScan` sorts a request's header pairs into the ones forwarded as they are and the ones the
-proxy handles itself (framing, hop-by-hop, forwarding, request id); `forward_lines` encodes the
+proxy handles itself (framing, hop-by-hop, forwarding, request id, the identity headers it sets from
+verified claims), and keeps the Authorization value for the auth steps; `forward_lines` encodes the
 header lines the proxy adds. The upstream side is always HTTP/1.1, so the additions are pre-encoded
 once per request as HTTP/1.1 header lines.
 """
