@@ -625,6 +625,34 @@ def _hidden(secret: str) -> str:
     return f"<{len(secret.encode())} bytes, not shown>"
 
 
+# Keys of [auth.jwt] and [auth.introspect] read as they are (the others are checked together in _jwt and _introspect).
+_JWT_PARSERS: dict[str, Callable[[object], Any]] = {
+    "jwks_ca_file": _readable_file,
+    "leeway": parse_duration,
+    "subject_claim": _claim_name,
+    "cache_size": _positive_int,
+    "negative_cache_size": _positive_int,
+    "negative_ttl": parse_duration,
+    "jwks_refresh": _positive_duration,
+    "jwks_cooldown": parse_duration,
+    "jwks_timeout": _positive_duration,
+    "jwks_max_bytes": parse_size,
+    "jwks_wait": _positive_duration,
+    "jwks_boot": _boot,
+}
+_INTROSPECT_PARSERS: dict[str, Callable[[object], Any]] = {
+    "ca_file": _readable_file,
+    "timeout": _positive_duration,
+    "max_bytes": parse_size,
+    "cache_ttl": _positive_duration,
+    "inactive_ttl": _positive_duration,
+    "cache_size": _positive_int,
+    "negative_cache_size": _positive_int,
+    "max_inflight": _positive_int,
+    "subject_claim": _claim_name,
+}
+
+
 def _jwt(problems: list[tuple[str, object, str]], table: object, reserved: frozenset[str]) -> JwtConfig | None:
     prefix = "auth.jwt."
     if not isinstance(table, Mapping):
@@ -643,26 +671,16 @@ def _jwt(problems: list[tuple[str, object, str]], table: object, reserved: froze
     issuer = reader.get("issuer", _string, None)
     audience = reader.get("audience", _string_list, none)
     required = reader.get("required_claims", _string_list, d.required_claims)
+    values = _read_section(problems, prefix, table, _JWT_PARSERS, d)
+    reader.seen.update(_JWT_PARSERS)
     config = JwtConfig(
         algorithms=algorithms,
         secret=secret,
         jwks_url=jwks_url,
-        jwks_ca_file=reader.get("jwks_ca_file", _readable_file, ""),
         issuer=issuer,
         audience=audience,
-        leeway=reader.get("leeway", parse_duration, d.leeway),
         required_claims=required,
-        subject_claim=reader.get("subject_claim", _claim_name, d.subject_claim),
-        forward_claims=(),
-        cache_size=reader.get("cache_size", _positive_int, d.cache_size),
-        negative_cache_size=reader.get("negative_cache_size", _positive_int, d.negative_cache_size),
-        negative_ttl=reader.get("negative_ttl", parse_duration, d.negative_ttl),
-        jwks_refresh=reader.get("jwks_refresh", _positive_duration, d.jwks_refresh),
-        jwks_cooldown=reader.get("jwks_cooldown", parse_duration, d.jwks_cooldown),
-        jwks_timeout=reader.get("jwks_timeout", _positive_duration, d.jwks_timeout),
-        jwks_max_bytes=reader.get("jwks_max_bytes", parse_size, d.jwks_max_bytes),
-        jwks_wait=reader.get("jwks_wait", _positive_duration, d.jwks_wait),
-        jwks_boot=reader.get("jwks_boot", _boot, d.jwks_boot),
+        **values,
     )
     forward = _forward_claims(problems, prefix + "forward_claims", table.get("forward_claims", {}), reserved)
     reader.seen.add("forward_claims")
@@ -706,20 +724,11 @@ def _introspect(
         client_secret = ""
     if bool(client_id) != bool(client_secret):
         problems.append((prefix + "client_id", client_id, "client_id and client_secret go together"))
+    values = _read_section(problems, prefix, table, _INTROSPECT_PARSERS, d)
+    reader.seen.update(_INTROSPECT_PARSERS)
+    forward = _forward_claims(problems, prefix + "forward_claims", table.get("forward_claims", {}), reserved)
     config = IntrospectConfig(
-        url=url,
-        ca_file=reader.get("ca_file", _readable_file, ""),
-        client_id=client_id,
-        client_secret=client_secret,
-        timeout=reader.get("timeout", _positive_duration, d.timeout),
-        max_bytes=reader.get("max_bytes", parse_size, d.max_bytes),
-        cache_ttl=reader.get("cache_ttl", parse_duration, d.cache_ttl),
-        inactive_ttl=reader.get("inactive_ttl", parse_duration, d.inactive_ttl),
-        cache_size=reader.get("cache_size", _positive_int, d.cache_size),
-        negative_cache_size=reader.get("negative_cache_size", _positive_int, d.negative_cache_size),
-        max_inflight=reader.get("max_inflight", _positive_int, d.max_inflight),
-        subject_claim=reader.get("subject_claim", _claim_name, d.subject_claim),
-        forward_claims=_forward_claims(problems, prefix + "forward_claims", table.get("forward_claims", {}), reserved),
+        url=url, client_id=client_id, client_secret=client_secret, forward_claims=forward, **values
     )
     reader.seen.add("forward_claims")
     reader.finish()

@@ -34,7 +34,7 @@ from proxy.auth.step import (
     IdentityMapper,
     TokenCache,
     Verdict,
-    bearer_token,
+    first_look,
     invalid_token,
     missing_token,
 )
@@ -81,12 +81,9 @@ class Introspector:
 
     def authenticate(self, exchange: Exchange, header: bytes, now: float) -> Verdict:
         """The verdict on an Authorization value the step's cache had nothing valid for."""
-        verdict = self.rejected.get(header, now)
-        if verdict is not None:
-            return verdict
-        token = bearer_token(header)
-        if token is None:
-            return self.missing
+        token = first_look(self.rejected, self.missing, header, now)
+        if isinstance(token, Verdict):
+            return token
         if not token:
             verdict = Verdict(now + self.config.inactive_ttl, error=self.malformed)
             self.rejected.put(header, verdict, now)

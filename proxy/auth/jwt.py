@@ -24,7 +24,7 @@ import jwt
 import orjson
 
 from proxy.auth.jwks import JwksSource, SigningKey
-from proxy.auth.step import IdentityMapper, TokenCache, Verdict, bearer_token, invalid_token, missing_token
+from proxy.auth.step import IdentityMapper, TokenCache, Verdict, first_look, invalid_token, missing_token
 from proxy.config import HMAC_ALGORITHMS, JwtConfig
 
 if TYPE_CHECKING:
@@ -75,12 +75,9 @@ class JwtAuthority:
 
     def authenticate(self, exchange: Exchange, header: bytes, now: float) -> Verdict:
         """The verdict on an Authorization value that the step's cache had nothing valid for."""
-        verdict = self.rejected.get(header, now)
-        if verdict is not None:
-            return verdict
-        token = bearer_token(header)
-        if token is None:
-            return self.missing
+        token = first_look(self.rejected, self.missing, header, now)
+        if isinstance(token, Verdict):
+            return token
         if not token or token.count(b".") != 2:
             return self._reject(header, self.malformed, now)
         fields = _header(token)

@@ -160,6 +160,18 @@ def bearer_token(header: bytes) -> bytes | None:
     return token
 
 
+def first_look(rejected: TokenCache, missing: Verdict, header: bytes, now: float) -> Verdict | bytes:
+    """What every authority checks first about an Authorization value: the rejection cached for it, or
+    `missing` when it is no bearer credential; else its token (b"" when malformed)."""
+    verdict = rejected.get(header, now)
+    if verdict is not None:
+        return verdict
+    token = bearer_token(header)
+    if token is None:
+        return missing
+    return token
+
+
 def _quoted(text: str) -> bytes:
     """`text` made safe inside an HTTP quoted-string (our own messages: ASCII, no quote or backslash)."""
     return text.encode("ascii", "replace").replace(b'"', b"'").replace(b"\\", b"/")
