@@ -2,9 +2,12 @@
 
 Theory of operation. A route with `auth = "jwt"` or `"introspect"` gets one `AuthStep`, bound to its
 worker's `Authority` (the JWT verifier or the introspection client) and the route's required scopes.
-The Authorization value was kept by the header scan (`exchange.authorization`); it is the cache key as
-it is, so a token seen before costs one dict lookup and one compare of its deadline with the wall-clock
-time of the request head (`t_start + worker.wall_offset`: no clock read), then the identity is applied:
+The Authorization value was kept by the header scan (`exchange.authorization`); its last `KEY_TAIL`
+bytes (the end of a JWT signature: random) are the dict key, and the entry keeps the whole value, which
+must be equal. So a token seen before costs one slice, one dict lookup (hashing 32 bytes, not the whole
+value, a new bytes object per request), one compare of the value and one of its deadline with the
+wall-clock time of the request head (`t_start + worker.wall_offset`: no clock read), then the identity
+is applied:
 the subject is put on the exchange, the forwarded-claim headers (pairs made once, when the token was
 verified) are appended to the upstream request, and the scopes are compared with the route's.
 
@@ -14,7 +17,8 @@ answers with a `Verdict`: an identity (which it caches until the token's `exp`),
 after parking the exchange (an unknown signing key, an introspection call in flight); the gateway
 re-runs the step when the exchange wakes, and the cache or the authority answers then.
 
-`TokenCache` is a bounded dict of token -> `Verdict` with a deadline each. An expired entry is never
+`TokenCache` is a bounded dict of value tail -> `Verdict` with its whole value and a deadline each (two
+values with the same tail share a slot: the later one replaces the other). An expired entry is never
 used (the lookup compares), is dropped when looked up, and by `sweep`; when the cache is full the
 expired entries go first and, if that is not enough, the oldest quarter (insertion order): amortised
 O(1) per insert, and a plain dict for the lookup.
@@ -42,7 +46,7 @@ _B64TOKEN: Final = bytes(sorted(_TOKEN_CHARS))
 class Verdict:
     """What a token is worth until `deadline` (Unix time): an identity, or an `error` to answer."""
 
-    __slots__ = ("deadline", "error", "headers", "scopes", "subject")
+    __slots__ = ("deadline", "error", "headers", "key", "scopes", "subject")
 
     def __init__(
         self,
@@ -54,12 +58,14 @@ class Verdict:
         scopes: frozenset[str] = frozenset(),
     ) -> None:
         self.deadline = deadline
+        self.key = b""  # the Authorization value it is cached for (set by TokenCache.put)
         self.error = error
         self.subject = subject
         self.headers: list[tuple[bytes, bytes]] = [] if headers is None else headers
         self.scopes = scopes
 
 
+KEY_TAIL: Final = 32  # bytes of the Authorization value used as the cache key (the whole value is compared)
 NEVER_EXPIRES: Final = float("inf")
 WAIT_VERDICT: Final = Verdict(0.0, error=WAIT)
 """What an authority returns after parking the exchange (never cached)."""
@@ -76,7 +82,8 @@ class Authority(Protocol):
 
 
 class TokenCache:
-    """Authorization value -> `Verdict`, at most `limit` entries, none used past its deadline."""
+    """Authorization value -> `Verdict`, at most `limit` entries, none used past its deadline. The dict is
+    keyed by the value's last `KEY_TAIL` bytes; a verdict put here belongs to the cache (its `key`)."""
 
     __slots__ = ("entries", "evicted", "limit")
 
@@ -86,24 +93,27 @@ class TokenCache:
         self.evicted = 0  # entries dropped for room before their deadline
 
     def get(self, key: bytes, now: float) -> Verdict | None:
-        verdict = self.entries.get(key)
-        if verdict is None:
+        tail = key[-KEY_TAIL:]
+        verdict = self.entries.get(tail)
+        if verdict is None or verdict.key != key:
             return None
         if verdict.deadline > now:
             return verdict
-        self.entries.pop(key, None)
+        self.entries.pop(tail, None)
         return None
 
     def put(self, key: bytes, verdict: Verdict, now: float) -> None:
+        verdict.key = key
         entries = self.entries
-        if len(entries) >= self.limit and key not in entries:
+        tail = key[-KEY_TAIL:]
+        if len(entries) >= self.limit and tail not in entries:
             self.sweep(now)
             if len(entries) >= self.limit:
                 oldest = list(entries)[: max(1, self.limit // 4)]
                 for old in oldest:
                     del entries[old]
                 self.evicted += len(oldest)
-        entries[key] = verdict
+        entries[tail] = verdict
 
     def sweep(self, now: float) -> None:
         """Drop every expired entry."""
@@ -133,8 +143,8 @@ class AuthStep:
         if header is None:
             return self.missing
         now = exchange.t_start + exchange.worker.wall_offset
-        verdict = self.cache.entries.get(header)
-        if verdict is None or verdict.deadline <= now:
+        verdict = self.cache.entries.get(header[-KEY_TAIL:])
+        if verdict is None or verdict.deadline <= now or verdict.key != header:
             verdict = self.authority.authenticate(exchange, header, now)
             error = verdict.error
             if error is not None:

@@ -89,6 +89,16 @@ def test_the_cache_never_returns_an_expired_entry_and_stays_within_its_bound() -
     assert cache.get(b"t0", 60.0) is None and cache.evicted == 12
 
 
+def test_values_sharing_the_key_tail_never_answer_for_each_other() -> None:
+    cache = TokenCache(8)
+    first, second = b"Bearer A" + b"x" * 40, b"Bearer B" + b"x" * 40
+    cache.put(first, Verdict(100.0, subject=b"a"), now=1.0)
+    assert cache.get(second, 2.0) is None, "same tail, another token: a miss"
+    cache.put(second, Verdict(100.0, subject=b"b"), now=1.0)
+    found = cache.get(second, 2.0)
+    assert found is not None and found.subject == b"b" and cache.get(first, 2.0) is None and len(cache) == 1
+
+
 def test_a_full_cache_drops_its_expired_entries_before_live_ones() -> None:
     cache = TokenCache(4)
     for index in range(3):
