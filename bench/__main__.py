@@ -52,6 +52,7 @@ from bench.report import (
     format_mib,
     format_ratios,
     format_table,
+    paired_difference,
     ratios,
     saturation_notes,
     summarize,
@@ -387,9 +388,13 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
 
     summaries = summarize(records)
     ratio_values = ratios(summaries)
+    ratio_values["jwt_minus_proxy_cpu_per_req_paired"] = paired_difference(records, JWT, "proxy")
     print()
     print(format_table(summaries, labels))
     footer = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
+    paired = ratio_values["jwt_minus_proxy_cpu_per_req_paired"]
+    if paired is not None:
+        footer.append(f"auth (jwt - proxy) CPU µs/req, paired by round: median {paired:+.2f}")
     if footer:
         print()
         print("\n".join(footer))

@@ -21,6 +21,7 @@ __all__ = [
     "format_mib",
     "format_ratios",
     "format_table",
+    "paired_difference",
     "ratios",
     "rps_ratio",
     "saturation_notes",
@@ -223,6 +224,18 @@ def cpu_difference(
         return None
     a, b = top.cpu(field), bottom.cpu(field)
     return None if a is None or b is None else a - b
+
+
+def paired_difference(records: Sequence[RunRecord], minuend: str, subtrahend: str) -> float | None:
+    """Median over rounds of (`minuend` - `subtrahend`) proxy CPU µs/req, each pair from the same round
+    (adjacent runs, ABBA): less sensitive to a drift of the machine's load than a difference of medians."""
+    by_round: dict[int, dict[str, float]] = {}
+    for record in records:
+        value = record.proxy_cpu_us_per_req
+        if value is not None and record.scenario in (minuend, subtrahend):
+            by_round.setdefault(record.index, {})[record.scenario] = value
+    pairs = [r[minuend] - r[subtrahend] for r in by_round.values() if minuend in r and subtrahend in r]
+    return statistics.median(pairs) if pairs else None
 
 
 def ratios(summaries: Sequence[ScenarioSummary]) -> dict[str, float | None]:
