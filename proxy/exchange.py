@@ -485,9 +485,10 @@ class Exchange:
         """A header for the upstream request (e.g. a verified claim)."""
         self.headers.append((name, value))
 
-    def add_request_headers(self, pairs: list[tuple[bytes, bytes]]) -> None:
-        """Several upstream request headers at once (the pairs are shared, never changed)."""
-        self.headers.extend(pairs)
+    def add_request_lines(self, lines: bytes) -> None:
+        """Upstream request headers the proxy vouches for, pre-encoded once (e.g. the verified claims of a
+        token): header lines, each ending CRLF, sent with the proxy's own forwarding lines."""
+        self.forward_lines += lines
 
     def remove_request_headers(self, names: frozenset[bytes]) -> None:
         """Drop the client's copies of headers the proxy vouches for (`names` lower-cased)."""

@@ -8,8 +8,9 @@ must be equal. So a token seen before costs one slice, one dict lookup (hashing 
 value, a new bytes object per request), one compare of the value and one of its deadline with the
 wall-clock time of the request head (`t_start + worker.wall_offset`: no clock read), then the identity
 is applied:
-the subject is put on the exchange, the forwarded-claim headers (pairs made once, when the token was
-verified) are appended to the upstream request, and the scopes are compared with the route's.
+the scopes are compared with the route's, the subject is put on the exchange, and the forwarded-claim
+headers, encoded once as upstream header lines when the token was verified, are added to the upstream
+request in one piece.
 
 Everything else is the authority's (`authenticate`): a token not cached, or whose entry has expired. It
 answers with a `Verdict`: an identity (which it caches until the token's `exp`), an error to answer
@@ -46,7 +47,7 @@ _B64TOKEN: Final = bytes(sorted(_TOKEN_CHARS))
 class Verdict:
     """What a token is worth until `deadline` (Unix time): an identity, or an `error` to answer."""
 
-    __slots__ = ("deadline", "error", "headers", "key", "scopes", "subject")
+    __slots__ = ("deadline", "error", "key", "lines", "scopes", "subject")
 
     def __init__(
         self,
@@ -54,14 +55,14 @@ class Verdict:
         *,
         error: ProxyError | None = None,
         subject: bytes = b"",
-        headers: list[tuple[bytes, bytes]] | None = None,
+        lines: bytes = b"",
         scopes: frozenset[str] = frozenset(),
     ) -> None:
         self.deadline = deadline
         self.key = b""  # the Authorization value it is cached for (set by TokenCache.put)
         self.error = error
         self.subject = subject
-        self.headers: list[tuple[bytes, bytes]] = [] if headers is None else headers
+        self.lines = lines  # the forwarded claims as upstream header lines ("name: value" CRLF each)
         self.scopes = scopes
 
 
@@ -152,7 +153,8 @@ class AuthStep:
         if self.required and not self.required <= verdict.scopes:
             return self.scope_error
         exchange.subject = verdict.subject
-        exchange.headers.extend(verdict.headers)
+        if verdict.lines:
+            exchange.add_request_lines(verdict.lines)
         return None
 
 
@@ -270,12 +272,12 @@ class IdentityMapper:
             return Verdict(
                 deadline, error=invalid_token(self.realm, f"the token has no usable {self.subject_claim} claim")
             )
-        headers: list[tuple[bytes, bytes]] = []
+        lines: list[bytes] = []
         for claim, name in self.forward:
             if claim not in claims:
                 continue
             value = header_value(claims[claim])
             if value is None:
                 return Verdict(deadline, error=invalid_token(self.realm, f"claim {claim} cannot be a header value"))
-            headers.append((name, value))
-        return Verdict(deadline, subject=subject_value, headers=headers, scopes=scopes_of(claims))
+            lines.append(b"%s: %s\r\n" % (name, value))
+        return Verdict(deadline, subject=subject_value, lines=b"".join(lines), scopes=scopes_of(claims))
