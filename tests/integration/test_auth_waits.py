@@ -4,11 +4,13 @@ answering from auth_stub's own key ring and issuer."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from auth_stub.issuer import KeyRing, TokenIssuer
 from devstack import Service
+from proxy.auth.introspect import Introspector
 from tests.integration.authhelp import b64, with_signature_of
 from tests.integration.authservers import IntrospectionServer, JwksServer
 from tests.integration.inprocess import Worker, request, run, until
@@ -251,13 +254,23 @@ def introspect_config(url: str, **changes: Any) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def introspecting(
+    issuer: TokenIssuer, backend: str, **changes: Any
+) -> AsyncIterator[tuple[IntrospectionServer, Worker, Introspector]]:
+    """An introspection endpoint answering for `issuer`, and a worker whose routes ask it."""
+    async with (
+        IntrospectionServer(issuer) as endpoint,
+        Worker(introspect_config(endpoint.url, **changes), backend) as worker,
+    ):
+        assert worker.auth is not None and worker.auth.introspect is not None
+        yield endpoint, worker, worker.auth.introspect
+
+
 def test_introspection_active_inactive_and_cached(backend_stub: Service) -> None:
     async def scenario() -> None:
         issuer = issuer_of(KeyRing(grace=300))
-        async with (
-            IntrospectionServer(issuer) as endpoint,
-            Worker(introspect_config(endpoint.url), backend_stub.address) as worker,
-        ):
+        async with introspecting(issuer, backend_stub.address) as (endpoint, worker, _):
             client = await worker.client()
             active = token(issuer, api_key="client-7", scope="read")
             for _ in range(3):
@@ -290,12 +303,7 @@ def test_introspection_active_inactive_and_cached(backend_stub: Service) -> None
 def test_concurrent_requests_for_one_token_share_one_introspection_call(backend_stub: Service) -> None:
     async def scenario() -> None:
         issuer = issuer_of(KeyRing(grace=300))
-        async with (
-            IntrospectionServer(issuer) as endpoint,
-            Worker(introspect_config(endpoint.url), backend_stub.address) as worker,
-        ):
-            assert worker.auth is not None and worker.auth.introspect is not None
-            introspector = worker.auth.introspect
+        async with introspecting(issuer, backend_stub.address) as (endpoint, worker, introspector):
             value = token(issuer, api_key="shared")
             endpoint.gate.clear()
             clients = [await worker.client() for _ in range(4)]
@@ -317,12 +325,8 @@ def test_concurrent_requests_for_one_token_share_one_introspection_call(backend_
 def test_introspection_cache_lifetime_is_bounded_by_cache_ttl_and_by_exp(backend_stub: Service) -> None:
     async def scenario() -> None:
         issuer = issuer_of(KeyRing(grace=300))
-        async with (
-            IntrospectionServer(issuer) as endpoint,
-            Worker(introspect_config(endpoint.url, cache_ttl="1s"), backend_stub.address) as worker,
-        ):
-            assert worker.auth is not None and worker.auth.introspect is not None
-            cache = worker.auth.introspect.cache
+        async with introspecting(issuer, backend_stub.address, cache_ttl="1s") as (_, worker, introspector):
+            cache = introspector.cache
             client = await worker.client()
             long_lived, short_lived = token(issuer, ttl=3600), token(issuer, ttl=30)
             for value in (long_lived, short_lived):
@@ -332,15 +336,11 @@ def test_introspection_cache_lifetime_is_bounded_by_cache_ttl_and_by_exp(backend
             cached = cache.get(f"Bearer {long_lived}".encode(), now)
             assert cached is not None and now < cached.deadline <= now + 1.0
             exp = jwt.decode(short_lived, options={"verify_signature": False})["exp"]
-        async with (
-            IntrospectionServer(issuer) as endpoint,
-            Worker(introspect_config(endpoint.url, cache_ttl="5m"), backend_stub.address) as worker,
-        ):
-            assert worker.auth is not None and worker.auth.introspect is not None
+        async with introspecting(issuer, backend_stub.address, cache_ttl="5m") as (_, worker, introspector):
             client = await worker.client()
             client.send(request("/echo", bearer(short_lived)))
             assert (await client.response()).status == 200
-            cached = worker.auth.introspect.cache.get(f"Bearer {short_lived}".encode(), time.time())
+            cached = introspector.cache.get(f"Bearer {short_lived}".encode(), time.time())
             assert cached is not None and cached.deadline == exp
 
     run(scenario)
