@@ -67,7 +67,6 @@ class Verdict:
 
 
 KEY_TAIL: Final = 32  # bytes of the Authorization value used as the cache key (the whole value is compared)
-NEVER_EXPIRES: Final = float("inf")
 WAIT_VERDICT: Final = Verdict(0.0, error=WAIT)
 """What an authority returns after parking the exchange (never cached)."""
 
