@@ -16,6 +16,7 @@ from setuptools import setup
 # logging) runs at startup or off the hot path and stays interpreted. errors.py stays interpreted
 # too: mypyc does not apply subclass overrides of class-level defaults on exception classes.
 HOT_MODULES = [
+    "proxy/auth/step.py",
     "proxy/exchange.py",
     "proxy/forwarding.py",
     "proxy/gateway.py",

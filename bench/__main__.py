@@ -37,6 +37,7 @@ from bench.baseline import (
     worktree_label,
 )
 from bench.cpu import CpuTimes, tree_cpu_times
+from bench.jwt import JWT_HOST, check_jwt_route, mint_tokens, with_jwt_route
 from bench.nginx import (
     NGINX_MISSING,
     NGINX_MISSING_BACKEND,
@@ -51,12 +52,14 @@ from bench.report import (
     format_mib,
     format_ratios,
     format_table,
+    paired_difference,
     ratios,
     saturation_notes,
     summarize,
 )
 from bench.wrk_runner import REQUEST_SCRIPTS, WrkResult, duration_seconds, find_wrk, run_wrk, wrk_version
 from devstack import PROJECT_ROOT, Service, Stack, StackError, http_get
+from devstack.config import load_config_source
 from devstack.procfs import rss_bytes, tree_cpu_seconds
 
 SCENARIOS = ("direct", "nginx", "proxy")
@@ -65,6 +68,8 @@ BACKENDS = ("nginx", "stub")
 """`--backend` choices: an nginx instance answering like backend_stub, or backend_stub itself."""
 UVGATE = ("proxy", "baseline")
 """The scenarios whose server is a uvgate (RSS tracked, code checked)."""
+JWT = "jwt"
+"""With `--request jwt`: the proxy's JWT route (same proxy and request as `proxy`, whose route has no auth)."""
 PATH = "/api/resource"
 
 INSTALL_WRK = """\
@@ -94,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--request",
         choices=tuple(REQUEST_SCRIPTS),
         default="plain",
-        help="plain: wrk's bare GET; realistic: an API client's ~600-byte head; body: POST 16 KiB of JSON "
-        "(default plain)",
+        help="plain: wrk's bare GET; realistic: an API client's ~600-byte head; body: POST 16 KiB of JSON; "
+        "jwt: GET with 1,000 distinct RS256 tokens, adds the `jwt` scenario (default plain)",
     )
     parser.add_argument("--duration", default="10s", help="wrk -d per measured run (default 10s)")
     parser.add_argument("--warmup", default="2s", help="wrk -d of the warm-up before each run (default 2s)")
@@ -109,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_scenarios(choice: str, nginx: str | None, baseline: bool = False) -> tuple[tuple[str, ...], str | None]:
-    """The scenarios to run for `--scenario choice` (plus `baseline`), and a note when nginx has to be left out."""
-    wanted = SCENARIOS if choice == "all" else (choice,)
+def plan_scenarios(
+    choice: str, nginx: str | None, baseline: bool = False, jwt: bool = False
+) -> tuple[tuple[str, ...], str | None]:
+    """The scenarios to run for `--scenario choice` (plus `baseline`, and `jwt` after `proxy` with
+    `--request jwt`), and a note when nginx has to be left out."""
+    wanted: tuple[str, ...] = SCENARIOS if choice == "all" else (choice,)
+    if jwt and "proxy" in wanted:
+        index = wanted.index("proxy") + 1
+        wanted = (*wanted[:index], JWT, *wanted[index:])
     if baseline:
         wanted = (*wanted, "baseline")
     if "nginx" in wanted and nginx is None:
@@ -138,6 +149,7 @@ class Target:
 
     url: str
     server: Service | None
+    script_args: tuple[str, ...] = ()  # after `--` on wrk's command line (the jwt script: token file, Host)
 
 
 def _workers_rss(proxy: Service) -> dict[str, int | None]:
@@ -193,7 +205,8 @@ def _start_servers(
     baseline: Baseline | None,
     cpus: Sequence[int] | None,
 ) -> dict[str, Service]:
-    """The nginx reference and the uvgate proxies asked for, all in front of `backend`, by scenario."""
+    """The nginx reference and the uvgate proxies asked for, all in front of `backend`, by scenario (the
+    `jwt` scenario is served by the `proxy` one)."""
     servers: dict[str, Service] = {}
     if "nginx" in scenarios and nginx is not None:
         run_dir = stack.run_dir / "nginx"
@@ -215,8 +228,11 @@ def _start_servers(
             continue
         # The baseline imports from its own tree only (see bench/baseline.py); the config is the same.
         env = baseline_env(baseline.root) if name == "baseline" and baseline is not None else None
+        config = load_config_source(args.config)
+        if args.request == "jwt":
+            config = with_jwt_route(config)
         proxy = stack.start_proxy(
-            args.config,
+            config,
             workers=args.proxy_workers,
             upstream_servers=[backend.address],
             cpus=cpus,
@@ -240,16 +256,17 @@ def _verify_code(servers: dict[str, Service], baseline: Baseline | None) -> dict
     return code
 
 
-def _wrk(args: argparse.Namespace, wrk: str, url: str, duration: str, cpus: Sequence[int] | None) -> WrkResult:
-    """One wrk run against `url` with the command line's load and request."""
+def _wrk(args: argparse.Namespace, wrk: str, target: Target, duration: str, cpus: Sequence[int] | None) -> WrkResult:
+    """One wrk run against `target` with the command line's load and request."""
     return run_wrk(
         wrk,
-        url,
+        target.url,
         duration=duration,
         connections=args.connections,
         threads=args.threads,
         cpus=cpus,
         script=REQUEST_SCRIPTS[args.request],
+        script_args=target.script_args,
     )
 
 
@@ -266,7 +283,7 @@ def _measure(
     server = target.server
     server_before = tree_cpu_times(server.pid) if server is not None else None
     backend_before = tree_cpu_seconds(backend.pid)
-    result = _wrk(args, wrk, target.url, args.duration, cpus)
+    result = _wrk(args, wrk, target, args.duration, cpus)
     backend_cpu = tree_cpu_seconds(backend.pid) - backend_before
     server_cpu: CpuTimes | None = None
     if server is not None and server_before is not None:
@@ -276,7 +293,9 @@ def _measure(
 
 def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_kind: str) -> int:
     """Build the baseline if asked, start the stack, run the scenarios, print the table, write the JSON."""
-    scenarios, note = plan_scenarios(args.scenario, nginx_binary, baseline=args.baseline is not None)
+    scenarios, note = plan_scenarios(
+        args.scenario, nginx_binary, baseline=args.baseline is not None, jwt=args.request == "jwt"
+    )
     if note is not None:
         print(note, flush=True)
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
@@ -307,6 +326,12 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
         if nginx_binary is not None:
             nginx_info["version"] = nginx_version(nginx_binary)
         backend = _start_backend(backend_kind, stack, cleanup, nginx_binary, load_cpus)
+        tokens: Path | None = None
+        if args.request == "jwt":
+            auth = stack.start_auth(cpus=load_cpus)  # before the proxies: their JWKS URL points at it
+            cleanup.callback(auth.stop)
+            tokens = mint_tokens(auth.url, stack.run_dir / "tokens.txt")
+            print(f"auth_stub    {auth.url}: {tokens} (1,000 RS256 tokens)", flush=True)
         backend_info["version"] = nginx_info["version"] if backend_kind == "nginx" else None
         servers = _start_servers(
             args, scenarios, stack, cleanup, backend=backend, nginx=nginx_binary, baseline=baseline, cpus=proxy_cpus
@@ -314,8 +339,13 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
         code = _verify_code(servers, baseline)
         for name in rss:
             rss[name]["initial"] = _workers_rss(servers[name])
-        targets = {"direct": Target(backend.url + PATH, None)}
-        targets |= {name: Target(svc.url + PATH, svc) for name, svc in servers.items()}
+        extra = () if tokens is None else (str(tokens),)
+        targets = {"direct": Target(backend.url + PATH, None, extra)}
+        targets |= {name: Target(svc.url + PATH, svc, extra) for name, svc in servers.items()}
+        if JWT in scenarios and tokens is not None:
+            proxy = servers["proxy"]
+            targets[JWT] = Target(proxy.url + PATH, proxy, (str(tokens), JWT_HOST))
+            check_jwt_route(proxy.host, proxy.port, PATH, tokens.read_text().split()[0])
         for scenario in scenarios:
             _check(targets[scenario].url)
 
@@ -338,7 +368,7 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
         for index in range(args.runs):
             for scenario in round_order(scenarios, index):
                 target = targets[scenario]
-                _wrk(args, wrk, target.url, args.warmup, load_cpus)
+                _wrk(args, wrk, target, args.warmup, load_cpus)
                 if scenario in rss and "start" not in rss[scenario]:
                     rss[scenario]["start"] = _workers_rss(servers[scenario])
                 record = _measure(args, wrk, scenario, index, target, backend, load_cpus)
@@ -358,9 +388,13 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
 
     summaries = summarize(records)
     ratio_values = ratios(summaries)
+    ratio_values["jwt_minus_proxy_cpu_per_req_paired"] = paired_difference(records, JWT, "proxy")
     print()
     print(format_table(summaries, labels))
     footer = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
+    paired = ratio_values["jwt_minus_proxy_cpu_per_req_paired"]
+    if paired is not None:
+        footer.append(f"auth (jwt - proxy) CPU µs/req, paired by round: median {paired:+.2f}")
     if footer:
         print()
         print("\n".join(footer))

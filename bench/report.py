@@ -16,10 +16,12 @@ __all__ = [
     "CpuField",
     "RunRecord",
     "ScenarioSummary",
+    "cpu_difference",
     "cpu_ratio",
     "format_mib",
     "format_ratios",
     "format_table",
+    "paired_difference",
     "ratios",
     "rps_ratio",
     "saturation_notes",
@@ -213,6 +215,29 @@ def cpu_ratio(
     return top / bottom
 
 
+def cpu_difference(
+    summaries: Sequence[ScenarioSummary], minuend: str, subtrahend: str, field: CpuField = "total"
+) -> float | None:
+    """Median proxy CPU µs/req of `minuend` minus that of `subtrahend` (what `jwt` adds over `proxy`)."""
+    top, bottom = _find(summaries, minuend), _find(summaries, subtrahend)
+    if top is None or bottom is None:
+        return None
+    a, b = top.cpu(field), bottom.cpu(field)
+    return None if a is None or b is None else a - b
+
+
+def paired_difference(records: Sequence[RunRecord], minuend: str, subtrahend: str) -> float | None:
+    """Median over rounds of (`minuend` - `subtrahend`) proxy CPU µs/req, each pair from the same round
+    (adjacent runs, ABBA): less sensitive to a drift of the machine's load than a difference of medians."""
+    by_round: dict[int, dict[str, float]] = {}
+    for record in records:
+        value = record.proxy_cpu_us_per_req
+        if value is not None and record.scenario in (minuend, subtrahend):
+            by_round.setdefault(record.index, {})[record.scenario] = value
+    pairs = [r[minuend] - r[subtrahend] for r in by_round.values() if minuend in r and subtrahend in r]
+    return statistics.median(pairs) if pairs else None
+
+
 def ratios(summaries: Sequence[ScenarioSummary]) -> dict[str, float | None]:
     """Every ratio the footer shows, by JSON key (None when a side is missing)."""
     return {
@@ -226,6 +251,10 @@ def ratios(summaries: Sequence[ScenarioSummary]) -> dict[str, float | None]:
         "proxy_over_baseline_user_per_req": cpu_ratio(summaries, "proxy", "baseline", "user"),
         "proxy_over_baseline_system_per_req": cpu_ratio(summaries, "proxy", "baseline", "system"),
         "proxy_over_baseline_rps": rps_ratio(summaries, "proxy", "baseline"),
+        "jwt_minus_proxy_cpu_per_req": cpu_difference(summaries, "jwt", "proxy", "total"),
+        "jwt_minus_proxy_user_per_req": cpu_difference(summaries, "jwt", "proxy", "user"),
+        "jwt_minus_proxy_system_per_req": cpu_difference(summaries, "jwt", "proxy", "system"),
+        "jwt_over_proxy_rps": rps_ratio(summaries, "jwt", "proxy"),
     }
 
 
@@ -261,6 +290,14 @@ def format_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str
             f"(user {_ratio(r['proxy_over_baseline_user_per_req'], 3)}, "
             f"sys {_ratio(r['proxy_over_baseline_system_per_req'], 3)}); "
             f"RPS {_ratio(r['proxy_over_baseline_rps'], 3)}"
+        )
+    added = r["jwt_minus_proxy_cpu_per_req"]
+    if added is not None:
+        lines.append(
+            f"auth (jwt - proxy) CPU µs/req: {added:+.2f} "
+            f"(user {r['jwt_minus_proxy_user_per_req'] or 0.0:+.2f}, "
+            f"sys {r['jwt_minus_proxy_system_per_req'] or 0.0:+.2f}); "
+            f"RPS jwt / proxy {_ratio(r['jwt_over_proxy_rps'], 3)}"
         )
     return lines
 

@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "BODY_LUA",
+    "JWT_LUA",
     "REALISTIC_LUA",
     "REPORT_LUA",
     "REQUEST_SCRIPTS",
@@ -31,7 +32,9 @@ REALISTIC_LUA = REPORT_LUA.with_name("realistic.lua")
 """A real API client's request head (~600 bytes), then report.lua's report line."""
 BODY_LUA = REPORT_LUA.with_name("body.lua")
 """POST with a 16 KiB JSON body, then report.lua's report line."""
-REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA}
+JWT_LUA = REPORT_LUA.with_name("jwt.lua")
+"""GET with a bearer token, cycling through a token file (script arguments: the file, then a Host value)."""
+REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA, "jwt": JWT_LUA}
 """`--request` choice -> the wrk script."""
 _MARKER = "WRK_JSON "
 _DURATION = re.compile(r"^(\d+)(s|m|h)?$")
@@ -141,10 +144,14 @@ def run_wrk(
     cpus: Sequence[int] | None = None,
     timeout: str = "2s",
     script: Path = REPORT_LUA,
+    script_args: Sequence[str] = (),
 ) -> WrkResult:
-    """Run wrk once (pinned to `cpus`) with `script`, which prints the JSON report line; RuntimeError if wrk fails."""
+    """Run wrk once (pinned to `cpus`) with `script` (and its `script_args`), which prints the JSON report
+    line; RuntimeError if wrk fails."""
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}", f"--timeout={timeout}"]
     argv += ["-s", str(script), url]
+    if script_args:
+        argv += ["--", *script_args]
     done = subprocess.run(
         argv,
         capture_output=True,

@@ -41,8 +41,10 @@ def _summary(stack: Stack, token: str | None, token_error: str | None) -> str:
         target = f"{stack.proxy.url}/api/resource"
         lines.append("")
         if token is not None:
-            lines.append("Try:")
+            lines.append("Try (the route checks the token; /echo shows the identity headers the backend gets):")
             lines.append(f'  curl -H "Authorization: Bearer {token}" {target}')
+            lines.append("and without the token (401, WWW-Authenticate: Bearer):")
+            lines.append(f"  curl -i {target}")
         else:
             lines.append(f"(no token: {token_error})")
             lines.append(f"  curl {target}")

@@ -332,6 +332,7 @@ class Stack:
         upstream_servers: Sequence[str] | None = None,
         keep_upstreams: bool = False,
         redis_url: str | None = None,
+        auth_url: str | None = None,
         listen_port: int | None = None,
         admin_port: int | None = None,
         cpus: Sequence[int] | None = None,
@@ -346,8 +347,9 @@ class Stack:
         Overrides: server.listen / server.admin_listen (free ports unless given), server.workers
         (if given), every upstream's servers (`upstream_servers`, else this stack's backend if
         started, unless `keep_upstreams`), redis.url (`redis_url`, else this stack's Redis if
-        started). With `wait_ready=False` it returns right after spawning (for failure tests).
-        `name` names the log and the generated config (`<run_dir>/<name>[-N].log` and `.toml`).
+        started), the address in auth.jwt.jwks_url and auth.introspect.url (`auth_url`, else this
+        stack's auth_stub if started). With `wait_ready=False` it returns right after spawning (for
+        failure tests). `name` names the log and the generated config (`<run_dir>/<name>[-N].log` and `.toml`).
         """
         template = load_config_source(config)
         if upstream_servers is None and not keep_upstreams and self.backend is not None:
@@ -356,6 +358,8 @@ class Stack:
             upstream_servers = None
         if redis_url is None and self.redis is not None:
             redis_url = self.redis.url
+        if auth_url is None and self.auth is not None:
+            auth_url = self.auth.url
         fixed_ports = listen_port is not None or admin_port is not None
         for attempt in range(_BIND_RETRIES):
             listen = listen_port if listen_port is not None else free_port(self.host)
@@ -369,6 +373,7 @@ class Stack:
                 workers=workers,
                 upstream_servers=upstream_servers,
                 redis_url=redis_url,
+                auth_url=auth_url,
             )
             log_name = self._log_name(name)
             config_path = self.run_dir / f"{log_name}.toml"

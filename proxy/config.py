@@ -91,8 +91,74 @@ class RouteConfig:
     prefix: str
     upstream: str
     host: str | None = None
-    auth: str = "none"
+    auth: str = "none"  # "none", "jwt" ([auth.jwt]) or "introspect" ([auth.introspect])
     name: str = ""  # for logs and metrics; default: host + prefix
+    required_scope: tuple[str, ...] = ()  # every one of these scopes, or 403 (auth routes only)
+
+
+# Signature algorithms the JWT verifier accepts in `auth.jwt.algorithms` (pyjwt[crypto] implements them).
+HMAC_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}  # -> shortest secret, in bytes (RFC 7518 3.2)
+KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+BOOT_SERVE = "serve"  # first JWKS fetch failed: start anyway, JWT routes answer 503 until keys arrive
+BOOT_REQUIRE = "require"  # first JWKS fetch failed: the worker fails to boot (the supervisor exits 3)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """`[auth.jwt]`: bearer JWTs verified in the proxy (HMAC secret and/or keys from a JWKS URL)."""
+
+    algorithms: tuple[str, ...]
+    secret: str = field(default="", repr=False)  # HS* only
+    jwks_url: str = ""  # RS*/PS*/ES*/EdDSA: http:// or https://
+    jwks_ca_file: str = ""  # https: trust this CA bundle instead of the system's
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()  # any of these; empty: `aud` is not checked
+    leeway: float = 30.0  # clock skew allowed on exp, nbf and iat
+    required_claims: tuple[str, ...] = ("exp",)
+    subject_claim: str = "sub"  # the identity rate limits count (exchange.subject)
+    forward_claims: tuple[tuple[str, str], ...] = ()  # (claim, header name), in config order
+    cache_size: int = 100_000  # verified tokens per worker
+    negative_cache_size: int = 10_000  # rejected tokens per worker
+    negative_ttl: float = 10.0  # how long a rejected token is answered without the crypto
+    jwks_refresh: float = 300.0  # background refresh period
+    jwks_cooldown: float = 5.0  # shortest gap between refreshes that unknown `kid`s trigger
+    jwks_timeout: float = 5.0  # one fetch, connect to last byte
+    jwks_max_bytes: int = 1024 * 1024
+    jwks_wait: float = 5.0  # how long a request with an unknown `kid` waits for the refresh
+    jwks_boot: str = BOOT_SERVE
+
+
+@dataclass(frozen=True, slots=True)
+class IntrospectConfig:
+    """`[auth.introspect]`: opaque tokens checked against an RFC 7662 endpoint, answers cached."""
+
+    url: str
+    ca_file: str = ""  # https: trust this CA bundle instead of the system's
+    client_id: str = ""  # HTTP Basic credentials for the endpoint, when it wants them
+    client_secret: str = field(default="", repr=False)
+    timeout: float = 5.0  # one call, connect to last byte; also how long a request waits for it
+    max_bytes: int = 64 * 1024
+    cache_ttl: float = 300.0  # an active answer is reused this long at most (and never past its `exp`)
+    inactive_ttl: float = 10.0  # an inactive answer is reused this long
+    cache_size: int = 100_000
+    negative_cache_size: int = 10_000
+    max_inflight: int = 256  # concurrent calls per worker; beyond: 503
+    subject_claim: str = "sub"
+    forward_claims: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    realm: str = "uvgate"  # WWW-Authenticate: Bearer realm="..."
+    jwt: JwtConfig | None = None
+    introspect: IntrospectConfig | None = None
+
+    def identity_headers(self) -> frozenset[bytes]:
+        """Header names the proxy vouches for (forwarded claims): a client's copies are always dropped."""
+        pairs = (self.jwt.forward_claims if self.jwt else ()) + (
+            self.introspect.forward_claims if self.introspect else ()
+        )
+        return frozenset(header.encode() for _, header in pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +172,7 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
     redis: RedisConfig = field(default_factory=RedisConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = ""
 
 
@@ -391,7 +458,7 @@ def _upstream(problems: list[tuple[str, object, str]], name: str, table: object)
     return UpstreamConfig(name=name, servers=servers, **values)
 
 
-_AUTH_MODES = ("none",)
+_AUTH_MODES = ("none", "jwt", "introspect")
 
 
 def _auth(value: object) -> str:
@@ -418,7 +485,11 @@ def _host(value: object) -> str:
 
 
 def _route(
-    problems: list[tuple[str, object, str]], index: int, table: object, upstreams: Mapping[str, Any]
+    problems: list[tuple[str, object, str]],
+    index: int,
+    table: object,
+    upstreams: Mapping[str, Any],
+    auth_config: AuthConfig,
 ) -> RouteConfig | None:
     prefix = f"routes[{index}]."
     if not isinstance(table, Mapping):
@@ -430,17 +501,259 @@ def _route(
     host = reader.get("host", _host, None)
     auth = reader.get("auth", _auth, "none")
     name = reader.get("name", _route_name, "")
+    no_scopes: tuple[str, ...] = ()
+    scopes = reader.get("required_scope", _scopes, no_scopes)
     reader.finish()
     if upstream and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none defined"
         problems.append((f"{prefix}upstream", upstream, f"no such upstream (known: {known})"))
-    return RouteConfig(prefix=path, upstream=upstream, host=host, auth=auth, name=name or (host or "") + path)
+    if auth == "jwt" and auth_config.jwt is None:
+        problems.append((f"{prefix}auth", auth, "needs an [auth.jwt] table"))
+    if auth == "introspect" and auth_config.introspect is None:
+        problems.append((f"{prefix}auth", auth, "needs an [auth.introspect] table"))
+    if scopes and auth == "none":
+        problems.append((f"{prefix}required_scope", " ".join(scopes), 'needs auth = "jwt" or "introspect"'))
+    return RouteConfig(
+        prefix=path,
+        upstream=upstream,
+        host=host,
+        auth=auth,
+        name=name or (host or "") + path,
+        required_scope=scopes,
+    )
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    text = _string(value)
+    scopes = tuple(dict.fromkeys(text.split()))
+    if not scopes or any(not 0x21 <= ord(ch) <= 0x7E or ch in '"\\' for ch in text.replace(" ", "")):
+        raise ValueError('expected space-separated scope names (RFC 6749 3.3), e.g. "read write"')
+    return scopes
 
 
 def _route_name(value: object) -> str:
     text = _string(value)
     if not re.fullmatch(r"[A-Za-z0-9_.:/\-]{1,64}", text):
         raise ValueError("route names use 1 to 64 letters, digits, '_', '.', ':', '/', '-'")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+_CLAIM = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+
+def _claim_name(value: object) -> str:
+    text = _string(value)
+    if not _CLAIM.fullmatch(text):
+        raise ValueError("claim names use 1 to 64 letters, digits, '_', '.', ':', '-'")
+    return text
+
+
+def _http_url(value: object) -> str:
+    text = _string(value)
+    match = re.fullmatch(r"(https?)://([A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?(/[^\s#]*)?", text)
+    if match is None:
+        raise ValueError("expected an http:// or https:// URL (host, optional port and path)")
+    if match.group(3) and not 0 < int(match.group(3)[1:]) <= 65535:
+        raise ValueError("port must be a number from 1 to 65535")
+    return text
+
+
+def _string_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError("expected a string or a list of non-empty strings")
+    return tuple(dict.fromkeys(value))
+
+
+def _algorithms(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+        raise ValueError('expected a non-empty list such as ["RS256", "ES256"]')
+    if any(item.lower() == "none" for item in value):
+        raise ValueError('"none" (unsigned tokens) is never accepted')
+    known = (*HMAC_ALGORITHMS, *KEY_ALGORITHMS)
+    unknown = [item for item in value if item not in known]
+    if unknown:
+        raise ValueError(f"unknown algorithm {unknown[0]!r} (supported: {', '.join(known)})")
+    return tuple(dict.fromkeys(value))
+
+
+def _readable_file(value: object) -> str:
+    text = _string(value)
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError("no readable file there")
+    return text
+
+
+def _boot(value: object) -> str:
+    text = _string(value)
+    if text not in (BOOT_SERVE, BOOT_REQUIRE):
+        raise ValueError(f'expected "{BOOT_SERVE}" or "{BOOT_REQUIRE}"')
+    return text
+
+
+def _forward_claims(
+    problems: list[tuple[str, object, str]], key: str, value: object, reserved: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """`{ claim = "Header-Name", ... }` -> ((claim, lower-cased header), ...); problems named by key."""
+    if not isinstance(value, Mapping):
+        problems.append((key, value, 'expected a table such as { sub = "X-Auth-Subject" }'))
+        return ()
+    out: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for claim, header in value.items():
+        where = f"{key}.{claim}"
+        try:
+            _claim_name(claim)
+            name = _header_name(header)
+        except ValueError as exc:
+            problems.append((where, header, str(exc)))
+            continue
+        if name in reserved:
+            problems.append((where, header, "a header the proxy reads or sets itself"))
+        elif name in seen:
+            problems.append((where, header, f"already the header of claim {seen[name]!r}"))
+        else:
+            seen[name] = claim
+            out.append((claim, name))
+    return tuple(out)
+
+
+def _hidden(secret: str) -> str:
+    return f"<{len(secret.encode())} bytes, not shown>"
+
+
+# Keys of [auth.jwt] and [auth.introspect] read as they are (the others are checked together in _jwt and _introspect).
+_JWT_PARSERS: dict[str, Callable[[object], Any]] = {
+    "jwks_ca_file": _readable_file,
+    "leeway": parse_duration,
+    "subject_claim": _claim_name,
+    "cache_size": _positive_int,
+    "negative_cache_size": _positive_int,
+    "negative_ttl": parse_duration,
+    "jwks_refresh": _positive_duration,
+    "jwks_cooldown": parse_duration,
+    "jwks_timeout": _positive_duration,
+    "jwks_max_bytes": parse_size,
+    "jwks_wait": _positive_duration,
+    "jwks_boot": _boot,
+}
+_INTROSPECT_PARSERS: dict[str, Callable[[object], Any]] = {
+    "ca_file": _readable_file,
+    "timeout": _positive_duration,
+    "max_bytes": parse_size,
+    "cache_ttl": _positive_duration,
+    "inactive_ttl": _positive_duration,
+    "cache_size": _positive_int,
+    "negative_cache_size": _positive_int,
+    "max_inflight": _positive_int,
+    "subject_claim": _claim_name,
+}
+
+
+def _jwt(problems: list[tuple[str, object, str]], table: object, reserved: frozenset[str]) -> JwtConfig | None:
+    prefix = "auth.jwt."
+    if not isinstance(table, Mapping):
+        problems.append(("auth.jwt", table, "expected a table"))
+        return None
+    reader = _Reader(problems, prefix, table)
+    d = JwtConfig(algorithms=())
+    none: tuple[str, ...] = ()
+    algorithms = reader.require("algorithms", _algorithms, none)
+    secret = table.get("secret", "")
+    reader.seen.add("secret")
+    if not isinstance(secret, str):
+        problems.append((prefix + "secret", type(secret).__name__, "expected a string"))
+        secret = ""
+    jwks_url = reader.get("jwks_url", _http_url, "")
+    issuer = reader.get("issuer", _string, None)
+    audience = reader.get("audience", _string_list, none)
+    required = reader.get("required_claims", _string_list, d.required_claims)
+    values = _read_section(problems, prefix, table, _JWT_PARSERS, d)
+    reader.seen.update(_JWT_PARSERS)
+    config = JwtConfig(
+        algorithms=algorithms,
+        secret=secret,
+        jwks_url=jwks_url,
+        issuer=issuer,
+        audience=audience,
+        required_claims=required,
+        **values,
+    )
+    forward = _forward_claims(problems, prefix + "forward_claims", table.get("forward_claims", {}), reserved)
+    reader.seen.add("forward_claims")
+    reader.finish()
+    hmac = [alg for alg in algorithms if alg in HMAC_ALGORITHMS]
+    keyed = [alg for alg in algorithms if alg not in HMAC_ALGORITHMS]
+    if hmac and not secret:
+        problems.append((prefix + "secret", None, f"is required for {', '.join(hmac)}"))
+    elif hmac:
+        shortest = max(HMAC_ALGORITHMS[alg] for alg in hmac)
+        if len(secret.encode()) < shortest:
+            problems.append(
+                (prefix + "secret", _hidden(secret), f"must be at least {shortest} bytes for {', '.join(hmac)}")
+            )
+    elif secret:
+        problems.append((prefix + "secret", _hidden(secret), "set, but no HS256/HS384/HS512 in auth.jwt.algorithms"))
+    if keyed and "jwks_url" not in table:
+        problems.append((prefix + "jwks_url", None, f"is required for {', '.join(keyed)}"))
+    elif jwks_url and not keyed:
+        problems.append((prefix + "jwks_url", jwks_url, "set, but auth.jwt.algorithms has no key algorithm"))
+    if config.jwks_max_bytes < 1024:
+        problems.append((prefix + "jwks_max_bytes", config.jwks_max_bytes, "must be at least 1KiB"))
+    return replace(config, forward_claims=forward)
+
+
+def _introspect(
+    problems: list[tuple[str, object, str]], table: object, reserved: frozenset[str]
+) -> IntrospectConfig | None:
+    prefix = "auth.introspect."
+    if not isinstance(table, Mapping):
+        problems.append(("auth.introspect", table, "expected a table"))
+        return None
+    reader = _Reader(problems, prefix, table)
+    d = IntrospectConfig(url="")
+    url = reader.require("url", _http_url, "")
+    client_id = reader.get("client_id", _string, "")
+    client_secret = table.get("client_secret", "")
+    reader.seen.add("client_secret")
+    if not isinstance(client_secret, str):
+        problems.append((prefix + "client_secret", type(client_secret).__name__, "expected a string"))
+        client_secret = ""
+    if bool(client_id) != bool(client_secret):
+        problems.append((prefix + "client_id", client_id, "client_id and client_secret go together"))
+    values = _read_section(problems, prefix, table, _INTROSPECT_PARSERS, d)
+    reader.seen.update(_INTROSPECT_PARSERS)
+    forward = _forward_claims(problems, prefix + "forward_claims", table.get("forward_claims", {}), reserved)
+    config = IntrospectConfig(
+        url=url, client_id=client_id, client_secret=client_secret, forward_claims=forward, **values
+    )
+    reader.seen.add("forward_claims")
+    reader.finish()
+    return config
+
+
+def _auth_section(problems: list[tuple[str, object, str]], table: object, server: ServerConfig) -> AuthConfig:
+    if not isinstance(table, Mapping):
+        problems.append(("auth", table, "expected a table"))
+        return AuthConfig()
+    reader = _Reader(problems, "auth.", table)
+    realm = reader.get("realm", _realm, "uvgate")
+    reader.seen.update(("jwt", "introspect"))
+    reader.finish()
+    # The proxy reads Authorization itself, and sets the request id: never a claim's header.
+    reserved = frozenset({"authorization", server.request_id_header.lower()})
+    jwt = _jwt(problems, table["jwt"], reserved) if "jwt" in table else None
+    introspect = _introspect(problems, table["introspect"], reserved) if "introspect" in table else None
+    return AuthConfig(realm=realm, jwt=jwt, introspect=introspect)
+
+
+def _realm(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[\x20-\x7e]{1,64}", text) or '"' in text or "\\" in text:
+        raise ValueError("1 to 64 printable ASCII characters, without quotes or backslashes")
     return text
 
 
@@ -463,9 +776,10 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     problems: list[tuple[str, object, str]] = []
     for key in data:
-        if key not in ("server", "upstreams", "routes", "redis"):
+        if key not in ("server", "upstreams", "routes", "redis", "auth"):
             problems.append((key, data[key], "unknown section"))
     server = _server(problems, data.get("server", {}))
+    auth = _auth_section(problems, data.get("auth", {}), server)
     upstreams: dict[str, UpstreamConfig] = {}
     raw_upstreams = data.get("upstreams", {})
     if not isinstance(raw_upstreams, Mapping):
@@ -485,7 +799,7 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     seen: dict[tuple[str | None, str], int] = {}
     names: dict[str, int] = {}
     for index, table in enumerate(raw_routes):
-        route = _route(problems, index, table, raw_upstreams if isinstance(raw_upstreams, Mapping) else {})
+        route = _route(problems, index, table, raw_upstreams if isinstance(raw_upstreams, Mapping) else {}, auth)
         if route is None:
             continue
         route_key = (route.host, route.prefix)
@@ -499,7 +813,7 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     redis = _redis(problems, data.get("redis", {}))
     if problems:
         raise ConfigError(problems)
-    return Config(server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, source=source)
+    return Config(server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, auth=auth, source=source)
 
 
 def load(path: str, env: Mapping[str, str] | None = None, workers: int | None = None) -> Config:

@@ -52,6 +52,20 @@ class BadRequest(ProxyError):
     close = True
 
 
+class Unauthorized(ProxyError):
+    """No valid credentials (RFC 6750: missing, malformed, expired or unverifiable bearer token)."""
+
+    status = 401
+    code = "invalid_token"
+
+
+class Forbidden(ProxyError):
+    """Valid credentials without what the route requires (a scope)."""
+
+    status = 403
+    code = "insufficient_scope"
+
+
 class NotFound(ProxyError):
     status = 404
     code = "no_route"

@@ -28,7 +28,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, Protocol
 
-from proxy.errors import GatewayTimeout, IllegalTransition, ProxyError, ServiceUnavailable
+from proxy.errors import GatewayTimeout, IllegalTransition, ProxyError, ServiceUnavailable, Suspended
 
 if TYPE_CHECKING:
     from proxy.config import Address
@@ -95,6 +95,10 @@ _NEXT: Final[list[int]] = list(TRANSITIONS)
 _TIMEOUT_ERRORS: Final[list[ProxyError | None]] = list(_TIMEOUTS)
 
 NEVER: Final = float("inf")
+
+WAIT: Final = Suspended()
+"""What a pipeline step returns once it parked its exchange (`WaitList.park`): not an answer; the gateway
+leaves the exchange until it wakes (`gateway.WAIT` is this object)."""
 
 # How a message body is framed.
 BodyKind = int
@@ -183,6 +187,7 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "authorization",
         "body_done",
         "body_kind",
         "bytes_in",
@@ -213,6 +218,7 @@ class Exchange:
         "server",
         "status",
         "step",
+        "subject",
         "t_end",
         "t_response",
         "t_start",
@@ -239,6 +245,7 @@ class Exchange:
         client: bytes = b"",
         protocol: bytes = b"HTTP/1.1",
         head_bytes: int = 0,
+        authorization: bytes | None = None,
     ) -> None:
         self.worker = worker
         self.downstream = downstream
@@ -253,6 +260,10 @@ class Exchange:
         self.content_length = content_length
         self.client = client
         self.protocol = protocol
+        self.authorization = authorization  # the Authorization value (also among `headers`), for auth steps
+        # Who the request is for, as rate limits count it: the client address, or the verified identity
+        # (the configured subject claim) once an auth step passed it.
+        self.subject = client
         self.keep_alive = True  # the client allows reusing its connection after this exchange
         self.expect_continue = False
         # Request body received before an upstream connection took it.
@@ -473,6 +484,11 @@ class Exchange:
     def add_request_header(self, name: bytes, value: bytes) -> None:
         """A header for the upstream request (e.g. a verified claim)."""
         self.headers.append((name, value))
+
+    def add_request_lines(self, lines: bytes) -> None:
+        """Upstream request headers the proxy vouches for, pre-encoded once (e.g. the verified claims of a
+        token): header lines, each ending CRLF, sent with the proxy's own forwarding lines."""
+        self.forward_lines += lines
 
     def remove_request_headers(self, names: frozenset[bytes]) -> None:
         """Drop the client's copies of headers the proxy vouches for (`names` lower-cased)."""

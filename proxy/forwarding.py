@@ -3,7 +3,8 @@
 Pure functions of (method, target, host, header pairs, client address, scheme): an HTTP/1.1 connection,
 an HTTP/2 stream or a TLS connection hand the same inputs here and get the same upstream request.
 `HeadScan` sorts a request's header pairs into the ones forwarded as they are and the ones the
-proxy handles itself (framing, hop-by-hop, forwarding, request id); `forward_lines` encodes the
+proxy handles itself (framing, hop-by-hop, forwarding, request id, the identity headers it sets from
+verified claims), and keeps the Authorization value for the auth steps; `forward_lines` encodes the
 header lines the proxy adds. The upstream side is always HTTP/1.1, so the additions are pre-encoded
 once per request as HTTP/1.1 header lines.
 """
@@ -50,11 +51,15 @@ KIND_XFF: Final = 7  # appended to
 KIND_DROP: Final = 8  # set by the proxy: the client's copy is dropped
 KIND_REQUEST_ID: Final = 9
 KIND_UPGRADE: Final = 10
+KIND_AUTHORIZATION: Final = 11  # forwarded, and its value kept for the auth steps
 
 
-def header_kinds(request_id_header: bytes) -> dict[bytes, int]:
-    """The classification table for `HeadScan`, for the configured request-id header name."""
-    kinds = dict.fromkeys(HOP_BY_HOP, KIND_HOP)
+def header_kinds(request_id_header: bytes, identity: frozenset[bytes] = frozenset()) -> dict[bytes, int]:
+    """The classification table for `HeadScan`, for the configured request-id header name. `identity`:
+    the headers carrying verified claims (lower-cased); a client's copies are dropped from every request,
+    whatever its route, so that no client can claim an identity."""
+    kinds = dict.fromkeys(identity, KIND_DROP)
+    kinds.update(dict.fromkeys(HOP_BY_HOP, KIND_HOP))
     kinds.update(
         {
             b"host": KIND_HOST,
@@ -66,6 +71,7 @@ def header_kinds(request_id_header: bytes) -> dict[bytes, int]:
             b"x-forwarded-for": KIND_XFF,
             b"x-forwarded-proto": KIND_DROP,
             b"x-forwarded-host": KIND_DROP,
+            b"authorization": KIND_AUTHORIZATION,
             request_id_header.lower(): KIND_REQUEST_ID,
         }
     )
@@ -76,7 +82,19 @@ class HeadScan:
     """The header pairs of one request, sorted as they come (`add`), reused from request to request.
     `kinds` is the classification table (`header_kinds`)."""
 
-    __slots__ = ("connection", "expect", "forward", "host", "kinds", "length", "request_id", "te", "upgrade", "xff")
+    __slots__ = (
+        "authorization",
+        "connection",
+        "expect",
+        "forward",
+        "host",
+        "kinds",
+        "length",
+        "request_id",
+        "te",
+        "upgrade",
+        "xff",
+    )
 
     def __init__(self, kinds: dict[bytes, int]) -> None:
         self.kinds = kinds
@@ -88,12 +106,14 @@ class HeadScan:
         self.expect: bytes | None = None
         self.xff: bytes | None = None  # X-Forwarded-For values, joined with ", "
         self.request_id: bytes | None = None  # the first one
+        self.authorization: bytes | None = None  # Authorization values (forwarded too), joined with ", "
         self.upgrade = False
 
     def reset(self) -> None:
         """Ready for the next request's headers."""
         self.forward = []
         self.host = self.length = self.te = self.connection = self.expect = self.xff = self.request_id = None
+        self.authorization = None
         self.upgrade = False
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -106,10 +126,16 @@ class HeadScan:
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
             return
+        if kind == KIND_AUTHORIZATION:
+            self.forward.append((name, value))
         if value:
             last = value[-1]
             if last == 0x20 or last == 0x09:  # (the parser drops leading whitespace, never trailing)
                 value = value.strip(b" \t")
+        if kind == KIND_AUTHORIZATION:
+            # A second one makes the value unusable as a credential (a list is no bearer token).
+            self.authorization = value if self.authorization is None else self.authorization + b", " + value
+            return
         if kind == KIND_HOST:
             if self.host is not None:
                 raise BadRequest("duplicate_host")
@@ -220,9 +246,9 @@ class ForwardPolicy:
 
     __slots__ = ("kinds", "request_id_line", "tail", "via_line")
 
-    def __init__(self, request_id_header: str, via: str) -> None:
+    def __init__(self, request_id_header: str, via: str, identity: frozenset[bytes] = frozenset()) -> None:
         name = request_id_header.lower().encode()
-        self.kinds = header_kinds(name)
+        self.kinds = header_kinds(name, identity)
         self.request_id_line = b"%s: " % name
         self.via_line = b"via: %s\r\n" % via.encode() if via else b""
         self.tail = b"\r\n" + self.via_line + self.request_id_line  # after the forwarded host

@@ -15,17 +15,17 @@ transport: answers go through the exchange's lifecycle to its downstream.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
+from proxy.auth.step import Authority, AuthStep
 from proxy.config import Config, RouteConfig
-from proxy.errors import NotFound, ProxyError, Suspended
-from proxy.exchange import BODY_CHUNKED, Exchange
+from proxy.errors import NotFound, ProxyError
+from proxy.exchange import BODY_CHUNKED, WAIT, Exchange
 from proxy.routing import Router
 from proxy.server import WorkerState
 from proxy.upstream.pool import Cluster
 
-WAIT: Final = Suspended()
-"""Returned by a step that parked the exchange; the gateway then leaves it until it is woken."""
+__all__ = ["WAIT", "Gateway", "Route", "Step", "StepFactory", "auth_steps", "no_steps"]
 
 
 class Step(Protocol):
@@ -40,8 +40,20 @@ StepFactory = Callable[[RouteConfig], Sequence[Step]]
 
 
 def no_steps(route: RouteConfig) -> Sequence[Step]:
-    """The steps of a route today: none (auth and limits plug in here)."""
+    """No step on any route."""
     return ()
+
+
+def auth_steps(authorities: Mapping[str, Authority], realm: str) -> StepFactory:
+    """The steps of each route from its config: its `auth` (the worker's authority of that kind, with
+    the route's required scopes) first; rate limits come next."""
+
+    def build(route: RouteConfig) -> Sequence[Step]:
+        if route.auth == "none":
+            return ()
+        return (AuthStep(authorities[route.auth], route.required_scope, realm),)
+
+    return build
 
 
 class Route:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -75,6 +76,17 @@ class _NoPipeline:
         raise RuntimeError("no gateway")
 
 
+def _auth_timeouts(config: Config) -> list[float]:
+    """How long requests may wait for the auth services (their deadlines are enforced by the tick too)."""
+    auth = config.auth
+    out: list[float] = []
+    if auth.jwt is not None and auth.jwt.jwks_url:
+        out += [auth.jwt.jwks_wait, auth.jwt.jwks_timeout]
+    if auth.introspect is not None:
+        out.append(auth.introspect.timeout)
+    return out
+
+
 class WorkerState:
     """What every protocol of one worker shares."""
 
@@ -83,6 +95,9 @@ class WorkerState:
         self.config = config
         self.worker_id = worker_id
         self.now = loop.time()
+        # Unix time = perf_counter() + wall_offset (refreshed every tick): an exchange's `t_start` gives
+        # the wall-clock time of its head without a clock read (token expiry checks).
+        self.wall_offset = time.time() - time.perf_counter()
         self.connections: set[Connection] = set()
         self.gateway: Pipeline = _NoPipeline()
         self.draining = False
@@ -101,6 +116,7 @@ class WorkerState:
             + [u.connect_timeout for u in config.upstreams.values()]
             + [u.response_timeout for u in config.upstreams.values()]
             + [u.pending_timeout or 1.0 for u in config.upstreams.values()]
+            + _auth_timeouts(config)
         )
         self.tick_interval = min(1.0, max(0.02, smallest / 4))
 
@@ -119,6 +135,7 @@ class WorkerState:
 
     def _tick(self) -> None:
         self.now = now = self.loop.time()
+        self.wall_offset = time.time() - time.perf_counter()
         for conn in list(self.connections):
             conn.check(now)
         self._poll_paused()

@@ -25,8 +25,9 @@ import traceback
 
 from proxy import ipc
 from proxy.accesslog import AccessLog
+from proxy.auth.services import AuthServices
 from proxy.config import Config
-from proxy.gateway import Gateway
+from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
@@ -85,9 +86,12 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     state = WorkerState(loop, config, worker_id=slot)
     connector = make_connector(state)
     clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
-    state.gateway = Gateway(config, state, clusters)
+    auth = AuthServices(config, state)
+    state.gateway = Gateway(config, state, clusters, auth_steps(auth.authorities, auth.realm))
     for cluster in clusters.values():
         state.tick_subscribers.append(cluster.sweep)
+    state.tick_subscribers.append(auth.tick)
+    await auth.boot()  # the JWKS before ready (auth.jwt.jwks_boot says what a failure does)
     access_log: AccessLog | None = None
     if config.server.access_log:
         access_log = AccessLog.open(config.server.access_log_path, slot)
@@ -120,6 +124,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         log.warning("worker %d: drain_timeout reached, closed remaining connections", slot)
     for cluster in clusters.values():
         cluster.close_idle()
+    auth.close()
     state.stop()
     if access_log is not None:
         access_log.close()

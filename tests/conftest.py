@@ -116,7 +116,8 @@ def proxy_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     `config` is TOML text, a parsed mapping or a Path. server.listen and server.admin_listen get
     free ports. If the test also uses `backend_stub`, every upstream's servers point at it (unless
     `keep_upstreams=True` or `upstream_servers=[...]` is given); if it uses `redis_server`,
-    redis.url points at it. Other kwargs go to `devstack.Stack.start_proxy` (e.g. `wait_ready=False`,
+    redis.url points at it; if it uses `auth_stub`, auth.jwt.jwks_url and auth.introspect.url
+    do. Other kwargs go to `devstack.Stack.start_proxy` (e.g. `wait_ready=False`,
     `env={...}`, `extra_args=[...]`). The proxy logs are printed when the test fails.
     """
     stack = Stack(run_dir=tmp_path_factory.mktemp("proxy"))
@@ -130,6 +131,8 @@ def proxy_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             kwargs["upstream_servers"] = [request.getfixturevalue("backend_stub").address]
         if "redis_url" not in kwargs and "redis_server" in request.fixturenames:
             kwargs["redis_url"] = request.getfixturevalue("redis_server").url
+        if "auth_url" not in kwargs and "auth_stub" in request.fixturenames:
+            kwargs["auth_url"] = request.getfixturevalue("auth_stub").url
         return stack.start_proxy(config, workers=workers, **kwargs)
 
     try:

@@ -120,7 +120,7 @@ class Http1Settings:
         # Request body kept before an upstream takes it: reading pauses beyond this.
         self.pending_limit = max(s.write_buffer_limit, s.body_buffer_size)
         self.abort_on_half_close = s.half_close == "abort"
-        self.policy = ForwardPolicy(s.request_id_header, s.via)
+        self.policy = ForwardPolicy(s.request_id_header, s.via, state.config.auth.identity_headers())
         self.kinds = self.policy.kinds
         self.request_id_line = b"\r\n%s: " % s.request_id_header.encode()
         self.via_line = b"\r\nvia: %s" % s.via.encode() if s.via else b""
@@ -517,6 +517,7 @@ class HttpProtocol(asyncio.Protocol):
             client=client,
             protocol=_HTTP11 if http11 else _HTTP10,
             head_bytes=len(method) + len(self.url) + self.header_bytes + 14,
+            authorization=scan.authorization,
         )
         exchange.keep_alive = keep_alive
         if scan.expect is not None:

