@@ -57,9 +57,9 @@ class ResponseHeadRewriter:
     def __init__(self, drop: tuple[bytes, ...] = ()) -> None:
         drop = tuple(name.lower() for name in drop)
         self._pattern = _hop_regex(drop)
-        # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
-        self.quick = re.compile(rb"\r\n" + _alternation(HOP_BY_HOP | set(drop)) + rb"[ \t]*:")
         alternatives = _alternation(HOP_BY_HOP | set(drop) | {b"content-length"})
+        # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
+        self.quick = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:")
         self.scan = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)")
 
     def inspect(self, head: bytes, status: int, head_request: bool) -> tuple[BodyKind, bytes]:
@@ -73,12 +73,16 @@ class ResponseHeadRewriter:
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
         low = head.lower()
-        if self.quick.search(low) is None:
-            # The usual response: nothing to remove, framed by Content-Length or by the close. (llhttp
-            # refuses whitespace before a field's colon, so the name is followed by the colon itself.)
+        found = self.quick.search(low)
+        length = False
+        if found is not None and found.group(1) == b"content-length":
+            length = True
+            found = self.quick.search(low, found.end())  # (llhttp refuses a second Content-Length)
+        if found is None:
+            # The usual response: nothing to remove, framed by Content-Length or by the close.
             if bodiless:
                 kind = BODY_NONE
-            elif low.find(b"\r\ncontent-length:") >= 0:
+            elif length:
                 kind = BODY_LENGTH
             else:
                 kind = BODY_UNTIL_CLOSE

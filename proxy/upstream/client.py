@@ -323,7 +323,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.status_of()
         buf = self.head_buf
         start = self.head_start
-        while buf.startswith(b"\r\n", start):  # empty lines llhttp skipped between responses
+        while buf[start] == 13 and buf[start + 1] == 10:  # empty lines llhttp skipped between responses
             start += 2
         self.head_start = start
         end = buf.find(b"\r\n\r\n", start)
