@@ -323,8 +323,8 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.status_of()
         buf = self.head_buf
         start = self.head_start
-        while buf[start] == 13 and buf[start + 1] == 10:  # empty lines llhttp skipped between responses
-            start += 2
+        while buf[start] == 13 or buf[start] == 10:  # line breaks llhttp skipped between responses
+            start += 1
         self.head_start = start
         end = buf.find(b"\r\n\r\n", start)
         if status < 200:

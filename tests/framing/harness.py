@@ -176,8 +176,7 @@ def _parse_head_responses(data: bytes) -> tuple[list[Message], str | None]:
     """Responses to HEAD: llhttp cannot be told, so each head is parsed alone and ends its message."""
     messages: list[Message] = []
     while True:
-        while data.startswith(b"\r\n"):  # empty lines between responses, which llhttp skips
-            data = data[2:]
+        data = data.lstrip(b"\r\n")  # line breaks between responses, which llhttp skips
         end = data.find(b"\r\n\r\n")
         collector = _Collector()
         collector.parser = httptools.HttpResponseParser(collector)
