@@ -15,13 +15,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from proxy.auth.introspect import Introspector
-from proxy.auth.jwks import JwksSource
-from proxy.auth.jwt import JwtAuthority
 from proxy.auth.step import Authority
 from proxy.config import BOOT_REQUIRE, HMAC_ALGORITHMS, Config
 
 if TYPE_CHECKING:
+    from proxy.auth.introspect import Introspector
+    from proxy.auth.jwks import JwksSource
+    from proxy.auth.jwt import JwtAuthority
     from proxy.server import WorkerState
 
 log = logging.getLogger("uvgate.auth")
@@ -42,11 +42,17 @@ class AuthServices:
         self.jwks: JwksSource | None = None
         self.jwt: JwtAuthority | None = None
         self.introspect: Introspector | None = None
+        # Imported only when configured: pyjwt and cryptography stay out of workers that never check a token.
         if auth.jwt is not None:
+            from proxy.auth.jwks import JwksSource
+            from proxy.auth.jwt import JwtAuthority
+
             if any(alg not in HMAC_ALGORITHMS for alg in auth.jwt.algorithms):
                 self.jwks = JwksSource(auth.jwt, auth.realm, state)
             self.jwt = JwtAuthority(auth.jwt, auth.realm, self.jwks)
         if auth.introspect is not None:
+            from proxy.auth.introspect import Introspector
+
             self.introspect = Introspector(auth.introspect, auth.realm, state)
         self._next_sweep = 0.0
 
