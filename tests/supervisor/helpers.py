@@ -150,11 +150,15 @@ def get(
 
 
 def connect_refused(service: ProxyService) -> bool:
-    """True if a new connection to the proxy is refused; one the kernel accepts is closed again."""
+    """True if a new connection to the proxy is refused; one the kernel accepts is closed again. A
+    connection reset while it is made (it raced with the listener being shut) is not a refusal: False,
+    and a `wait_until` asks again."""
     try:
         socket.create_connection((service.host, service.port), timeout=2.0).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
