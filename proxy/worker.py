@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import traceback
+from typing import TYPE_CHECKING
 
 from proxy import ipc
 from proxy.accesslog import AccessLog
@@ -29,9 +30,13 @@ from proxy.auth.services import AuthServices
 from proxy.config import Config
 from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.metrics import RequestCounts
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
+
+if TYPE_CHECKING:
+    from proxy.metricsio import WorkerMetrics
 
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # failed before reporting ready
@@ -98,6 +103,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         state.finished.append(access_log.exchange_finished)
         state.tick_subscribers.append(access_log.tick)
     state.tick_subscribers.append(status.heartbeat)
+    metrics = _start_metrics(config, state, clusters, auth)
     settings = Http1Settings(state)
     stop = loop.create_future()
 
@@ -106,6 +112,8 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
             stop.set_result(None)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
+    if access_log is not None:
+        loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
     server = await loop.create_server(
         lambda: HttpProtocol(state, settings), sock=sock, backlog=config.server.backlog, start_serving=True
     )
@@ -128,6 +136,25 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     state.stop()
     if access_log is not None:
         access_log.close()
+    if metrics is not None:
+        metrics.close()
+
+
+def _start_metrics(
+    config: Config, state: WorkerState, clusters: dict[str, Cluster], auth: AuthServices
+) -> WorkerMetrics | None:
+    """Count finished exchanges and fold the counts into this worker's metrics files on the tick, when
+    metrics are on and the supervisor gave their directory."""
+    if not config.metrics.enabled or not config.metrics.directory:
+        return None
+    from proxy.metricsio import WorkerMetrics  # prometheus-client: only in workers that write metrics
+
+    counts = RequestCounts()
+    caches = {kind: authority.cache for kind, authority in auth.authorities.items()}
+    metrics = WorkerMetrics(config.metrics, counts, state, clusters, caches, os.getpid())
+    state.finished.append(counts.exchange_finished)
+    state.tick_subscribers.append(metrics.tick)
+    return metrics
 
 
 def _die_with_parent(parent: int) -> None:
@@ -147,6 +174,7 @@ def run(config: Config, sock: socket.socket, slot: int, status_fd: int, parent: 
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the loop handles it (access log reopen)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _die_with_parent(parent)

@@ -1,0 +1,136 @@
+"""Metrics across real forked workers: /metrics adds up under load, survives `kill -9`, and can be off."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from devstack import ProxyFactory, ProxyService, Service, http_get
+from tests.supervisor.helpers import api_body, config, get, slot_workers, wait_for_log, wait_ready, wait_until
+from tests.supervisor.load import LoadGenerator
+
+ROUTE = "/"  # the route of helpers.BASE_CONFIG (named after its prefix)
+
+
+def scrape(proxy: ProxyService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    status, body = http_get(proxy.admin_url + "/metrics", timeout=5.0)
+    assert status == 200, body
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def requests_counted(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], code: str = "200") -> float:
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "uvgate_requests_total" and ("route", ROUTE) in labels and ("code", code) in labels
+    )
+
+
+def metrics_config(directory: Path) -> dict[str, object]:
+    data = config()
+    data["metrics"] = {"directory": str(directory), "interval": "100ms"}
+    return data
+
+
+def test_metrics_add_up_across_workers_and_survive_kill_9(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    directory = tmp_path / "metrics"
+    proxy = proxy_factory(metrics_config(directory), workers=2)
+    workers = slot_workers(proxy)
+    assert set(workers) == {0, 1}
+
+    seen: list[float] = []
+    with LoadGenerator(proxy.host, proxy.port, connections=8, duration=3.0, expect_body=api_body(backend_stub)) as load:
+        load.wait_for_successes(100)
+        while load.successes < 2000 and load.failure_count == 0:
+            counted = requests_counted(scrape(proxy))
+            assert not seen or counted >= seen[-1], f"the total went backwards: {seen[-1]} then {counted}"
+            assert counted <= load.successes + 8, f"{counted} counted, at most {load.successes} + 8 in flight sent"
+            seen.append(counted)
+            if len(seen) >= 10:
+                break
+    result = load.join()
+    assert not result.failures, result.summary()
+    sent = result.successes
+
+    # Every request counted once, across both workers (each wrote its own file), after at most one fold.
+    wait_until(lambda: requests_counted(scrape(proxy)) == sent, 10.0, f"{sent} requests in /metrics", proxy)
+    samples = scrape(proxy)
+    assert requests_counted(samples) == sent
+    duration_count = samples[("uvgate_request_duration_seconds_count", (("route", ROUTE),))]
+    assert duration_count == sent
+    assert samples[("uvgate_upstream_request_duration_seconds_count", (("upstream", "backend"),))] == sent
+    per_worker = {pid: (directory / f"counter_{pid}.db").exists() for pid in workers.values()}
+    assert all(per_worker.values()), f"both workers write their counts: {per_worker}"
+    assert samples[("uvgate_worker_restarts_total", ())] == 0
+    assert ("uvgate_build_info", ()) not in samples  # it has labels
+    assert any(name == "uvgate_build_info" for name, _ in samples)
+
+    # kill -9 a worker: its counts stay (folded into the archive), never counted twice.
+    victim = workers[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for_log(proxy, rf"worker {victim} \(slot 0\) died \(killed by SIGKILL")
+    wait_until(lambda: slot_workers(proxy)[0] != victim, 10.0, "a replacement on slot 0", proxy)
+    wait_ready(proxy, 10.0)
+    after_kill = scrape(proxy)
+    assert requests_counted(after_kill) == sent, "a dead worker's requests neither vanish nor double"
+    assert after_kill[("uvgate_worker_restarts_total", ())] == 1
+    assert not (directory / f"counter_{victim}.db").exists(), "merged into the archive"
+    assert not (directory / f"gauge_livesum_{victim}.db").exists(), "its live gauges are gone"
+
+    more = 20
+    for _ in range(more):
+        status, _, body = get(proxy)
+        assert status == 200, body
+    wait_until(
+        lambda: requests_counted(scrape(proxy)) == sent + more, 10.0, f"{sent + more} requests in /metrics", proxy
+    )
+    live = scrape(proxy)
+    assert live[("uvgate_open_connections", ())] >= 0
+    assert (
+        live[
+            (
+                "uvgate_upstream_connections",
+                (("server", backend_stub.address), ("state", "open"), ("upstream", "backend")),
+            )
+        ]
+        >= 1
+    )
+
+
+def test_metrics_directory_is_made_and_removed_by_the_supervisor(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    stale = directory / "counter_999999.db"
+    stale.write_bytes(b"\0" * 16)  # a previous run's file: removed at start, never counted
+    proxy = proxy_factory(metrics_config(directory), workers=2)
+    assert not stale.exists()
+    status, _, _ = get(proxy)
+    assert status == 200
+    wait_until(lambda: list(directory.glob("counter_*.db")), 10.0, "a worker's counter file", proxy)
+    proxy.stop()
+    assert not list(directory.glob("*.db")), "the supervisor removes its files at exit"
+
+
+def test_metrics_off(proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path) -> None:
+    directory = tmp_path / "metrics"
+    data = metrics_config(directory)
+    data["metrics"] = {"enabled": False, "directory": str(directory)}
+    proxy = proxy_factory(data, workers=2)
+    for _ in range(4):
+        status, _, _ = get(proxy)
+        assert status == 200
+    status, body = http_get(proxy.admin_url + "/metrics", timeout=5.0)
+    assert status == 404 and b"metrics are off" in body
+    assert not list(directory.glob("*.db")), "no worker writes metrics when they are off"
