@@ -34,6 +34,14 @@ def requests_counted(samples: dict[tuple[str, tuple[tuple[str, str], ...]], floa
     )
 
 
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
 def metrics_config(directory: Path) -> dict[str, object]:
     data = config()
     data["metrics"] = {"directory": str(directory), "interval": "100ms"}
@@ -74,6 +82,7 @@ def test_metrics_add_up_across_workers_and_survive_kill_9(
     assert samples[("uvgate_worker_restarts_total", ())] == 0
     assert ("uvgate_build_info", ()) not in samples  # it has labels
     assert any(name == "uvgate_build_info" for name, _ in samples)
+    assert _threads(proxy.pid) == 1, "the supervisor stays safe to fork: no thread after serving /metrics"
 
     # kill -9 a worker: its counts stay (folded into the archive), never counted twice.
     victim = workers[0]
