@@ -783,13 +783,10 @@ def _metrics(problems: list[tuple[str, object, str]], table: object) -> MetricsC
         if key not in _METRICS_PARSERS:
             problems.append((f"metrics.{key}", table[key], "unknown key"))
     metrics = MetricsConfig(**values)
-    if metrics.directory:
-        if not os.path.isabs(metrics.directory):
-            problems.append(("metrics.directory", metrics.directory, "must be an absolute path"))
-        else:
-            parent = os.path.dirname(os.path.normpath(metrics.directory))
-            if not os.path.isdir(metrics.directory) and not os.access(parent, os.W_OK):
-                problems.append(("metrics.directory", metrics.directory, "missing, and its parent is not writable"))
+    # Only its form is checked here: it may not exist yet when the config is checked (systemd makes
+    # /run/uvgate when the service starts); the supervisor creates it and names the key if it cannot.
+    if metrics.directory and not os.path.isabs(metrics.directory):
+        problems.append(("metrics.directory", metrics.directory, "must be an absolute path"))
     if metrics.interval > 60.0:
         problems.append(("metrics.interval", metrics.interval, "must be at most 60s"))
     return metrics

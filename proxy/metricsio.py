@@ -134,13 +134,11 @@ class WorkerMetrics:
             self.fold()
 
     def fold(self) -> None:
-        """Write every count as it is now."""
+        """Write every count as it is now. The requests counters go last: a reader that sees a request
+        counted also sees the histograms and gauges written with it (a fold is not atomic for readers)."""
+        self._gauges()
         files = self.files
         for route in list(self.counts.routes.values()):
-            for key, count in list(route.requests.items()):
-                method, code = divmod(key, STATUS_SPAN)
-                request = (route.name, METHODS[method], str(code))
-                files.write("counter", "uvgate_requests", "uvgate_requests_total", _REQUEST_LABELS, request, count)
             files.histogram("uvgate_request_duration_seconds", ("route",), (route.name,), route.duration)
         for name, histogram in list(self.counts.upstreams.items()):
             files.histogram("uvgate_upstream_request_duration_seconds", ("upstream",), (name,), histogram)
@@ -151,6 +149,15 @@ class WorkerMetrics:
             metric = "uvgate_jwt_cache" if kind == "jwt" else "uvgate_introspection_cache"
             files.write("counter", metric, metric + "_total", ("result",), ("hit",), cache.hits)
             files.write("counter", metric, metric + "_total", ("result",), ("miss",), cache.misses)
+        for route in list(self.counts.routes.values()):
+            for key, count in list(route.requests.items()):
+                method, code = divmod(key, STATUS_SPAN)
+                request = (route.name, METHODS[method], str(code))
+                files.write("counter", "uvgate_requests", "uvgate_requests_total", _REQUEST_LABELS, request, count)
+
+    def _gauges(self) -> None:
+        """The live state: upstream servers (with their connect failures) and open client connections."""
+        files = self.files
         now = self.state.now
         for cluster in self.clusters.values():
             for server in cluster.servers:

@@ -650,7 +650,7 @@ class Supervisor:
                 self.config.metrics.directory, SupervisorCollector(self._restarts, compiled())
             )
         except OSError as exc:
-            log.error("metrics.directory %s: %s; stopping", self.config.metrics.directory, exc.strerror or exc)
+            log.error("metrics.directory: cannot create %s (%s); stopping", exc.filename, exc.strerror or exc)
             self._close()
             return EXIT_BOOT_FAILURE
         self.config = config_mod.with_metrics_directory(self.config, self.metrics_dir.path)

@@ -73,11 +73,14 @@ def test_auth_failures_jwt_cache_connect_errors_and_pool_waits(
         thread.join(15.0)
     assert results == [200, 200]
 
-    def counted() -> Samples | None:
-        samples = scrape(proxy)
-        return samples if samples.get(("uvgate_upstream_pool_wait_seconds_count", ())) == 1 else None
+    narrow = ("uvgate_requests_total", (("code", "200"), ("method", "GET"), ("route", "narrow")))
 
-    samples = wait_until(counted, 10.0, "the pool wait in /metrics")
+    def counted() -> Samples | None:  # the requests counters are written last by a worker's fold
+        samples = scrape(proxy)
+        return samples if samples.get(narrow) == 2 else None
+
+    samples = wait_until(counted, 10.0, "the two pool requests in /metrics")
+    assert samples[("uvgate_upstream_pool_wait_seconds_count", ())] == 1
     assert samples[("uvgate_auth_failures_total", (("reason", "missing_token"),))] == 1
     assert samples[("uvgate_auth_failures_total", (("reason", "invalid_token"),))] == 1
     assert samples[("uvgate_auth_failures_total", (("reason", "insufficient_scope"),))] == 1

@@ -30,7 +30,6 @@ def test_metrics_config_defaults_and_errors_name_the_key(tmp_path: Path) -> None
     assert build({**BASE, "metrics": {"enabled": False}}).metrics.enabled is False
     assert [p[0] for p in _problems({"enable": True})] == ["metrics.enable"]
     assert [p[0] for p in _problems({"directory": "relative/dir"})] == ["metrics.directory"]
-    assert [p[0] for p in _problems({"directory": "/proc/no/such/dir"})] == ["metrics.directory"]
     assert [p[0] for p in _problems({"interval": "2m"})] == ["metrics.interval"]
     assert [p[0] for p in _problems({"interval": 0})] == ["metrics.interval"]
     assert [p[0] for p in _problems("on")] == ["metrics"]
