@@ -174,3 +174,25 @@ def test_metrics_off(proxy_factory: ProxyFactory, backend_stub: Service, tmp_pat
     status, body = http_get(proxy.admin_url + "/metrics", timeout=5.0)
     assert status == 404 and b"metrics are off" in body
     assert not list(directory.glob("*.db")), "no worker writes metrics when they are off"
+
+
+def test_counts_survive_a_reload_once(proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path) -> None:
+    directory = tmp_path / "metrics"
+    proxy = proxy_factory(metrics_config(directory), workers=2)
+    old = set(slot_workers(proxy).values())
+    for _ in range(30):
+        status, _, _ = get(proxy)
+        assert status == 200
+    wait_until(lambda: requests_counted(scrape(proxy)) == 30, 10.0, "30 requests in /metrics", proxy)
+
+    proxy.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, r"generation 2 serving")
+    for pid in old:  # the old generation drained: each wrote its last counts, was reaped and merged
+        wait_for_log(proxy, rf"worker {pid} \(slot \d\) stopped")
+    assert requests_counted(scrape(proxy)) == 30
+    assert not [pid for pid in old if (directory / f"counter_{pid}.db").exists()]
+    for _ in range(5):
+        status, _, _ = get(proxy)
+        assert status == 200
+    wait_until(lambda: requests_counted(scrape(proxy)) == 35, 10.0, "35 requests in /metrics", proxy)
+    assert scrape(proxy)[("uvgate_worker_restarts_total", ())] == 0, "a reload restarts no worker"
