@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
-from proxy.metrics import BUCKETS, METHODS, STATUS_SPAN, Histogram, RequestCounts
+from proxy.metrics import BUCKETS, METHODS, Histogram, RequestCounts
 
 if TYPE_CHECKING:
     from proxy.auth.step import TokenCache
@@ -150,10 +150,10 @@ class WorkerMetrics:
             files.write("counter", metric, metric + "_total", ("result",), ("hit",), cache.hits)
             files.write("counter", metric, metric + "_total", ("result",), ("miss",), cache.misses)
         for route in list(self.counts.routes.values()):
-            for key, count in list(route.requests.items()):
-                method, code = divmod(key, STATUS_SPAN)
-                request = (route.name, METHODS[method], str(code))
-                files.write("counter", "uvgate_requests", "uvgate_requests_total", _REQUEST_LABELS, request, count)
+            for method, by_status in zip(METHODS, route.requests, strict=True):
+                for code, count in list(by_status.items()):
+                    request = (route.name, method, str(code))
+                    files.write("counter", "uvgate_requests", "uvgate_requests_total", _REQUEST_LABELS, request, count)
 
     def _gauges(self) -> None:
         """The live state: upstream servers (with their connect failures) and open client connections."""
