@@ -3,12 +3,12 @@
 Theory of operation: `exchange_finished` (a worker `finished` hook, called once per exchange whatever
 its outcome) appends an encoded line to an in-memory buffer (no syscall on the request path); `tick`
 writes the buffer with one `os.write` per worker tick, or as soon as it holds `FLUSH_BYTES`. Each line
-carries the route, the upstream name and address, the status and the proxy's error code when it
-answered itself (or gave up: 499 `client_closed`), bytes in and out, and timings with microsecond
-resolution. `reopen` (the worker's SIGUSR1 handler, which the supervisor relays: logrotate's
-`postrotate`) writes what is buffered to the old file and opens the path again, so lines go to the new
-file from then on. What is logged is chosen so that no secret leaves: the request target without its query
-string (tokens and keys travel there too) and never a header value.
+carries the route, the upstream name and address, the verified subject on auth routes, the status and
+the proxy's error code when it answered itself (or gave up: 499 `client_closed`), bytes in and out,
+and timings with microsecond resolution. `reopen` (the worker's SIGUSR1 handler, which the supervisor
+relays: logrotate's `postrotate`) writes what is buffered to the old file and opens the path again,
+so lines go to the new file from then on. What is logged is chosen so that no secret leaves: the
+request target without its query string (tokens and keys travel there too) and never a header value.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class AccessLog:
                 "bytes_in": exchange.bytes_in,
                 "bytes_out": exchange.bytes_out,
                 "request_id": exchange.request_id.decode("latin-1"),
+                # The verified identity (the route's subject claim) once an auth step passed; never the token.
+                "subject": exchange.subject.decode("latin-1") if exchange.subject is not exchange.client else None,
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )

@@ -6,6 +6,7 @@ import socket
 import threading
 from pathlib import Path
 
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import ProxyFactory, ProxyService, Service, http_get, raw_request
@@ -34,6 +35,7 @@ def test_auth_failures_jwt_cache_connect_errors_and_pool_waits(
         refused = f"127.0.0.1:{closed.getsockname()[1]}"
     proxy = proxy_factory(
         {
+            "server": {"access_log": True, "access_log_path": str(tmp_path / "access.log")},
             "auth": {"jwt": JWT_TABLE},
             "metrics": {"interval": "100ms"},
             "upstreams": {
@@ -92,3 +94,14 @@ def test_auth_failures_jwt_cache_connect_errors_and_pool_waits(
     assert samples[("uvgate_requests_total", (("code", "401"), ("method", "GET"), ("route", "echo")))] == 2
     # The wait was about the first request's 300 ms (it is not the whole request).
     assert 0.1 < samples[("uvgate_upstream_pool_wait_seconds_sum", ())] < 5.0
+
+    # The access log names the verified subject (the api_key claim), never the token.
+    def lines() -> list[dict[str, object]] | None:
+        path = tmp_path / "access.log"
+        found = [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+        return found if len(found) == 9 else None
+
+    logged = wait_until(lines, 10.0, "9 access log lines")
+    assert [line["subject"] for line in logged if line["route"] == "echo"] == [None, None, "k1", "k1", "k1"]
+    assert all(line["subject"] is None for line in logged if line["route"] != "echo")
+    assert token not in (tmp_path / "access.log").read_text()
