@@ -9,7 +9,10 @@ sends the reason and exits `EXIT_CRASH` (70, EX_SOFTWARE), and the supervisor re
 backoff. SIGTERM drains: stop accepting (on a reload the supervisor keeps the socket and its
 queue for the next worker; on a stop it takes the socket out of listening state), let in-flight
 exchanges finish with `Connection: close`, close idle connections, exit 0 when none is left or at
-`drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop.
+`drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop. SIGUSR1 (relayed by
+the supervisor) reopens the access log file. With metrics on, finished exchanges are counted
+(`proxy.metrics`) and folded on the tick into this worker's files in the supervisor's metrics
+directory (`proxy.metricsio`), written a last time after the drain.
 """
 
 from __future__ import annotations
