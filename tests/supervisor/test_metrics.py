@@ -196,3 +196,33 @@ def test_counts_survive_a_reload_once(proxy_factory: ProxyFactory, backend_stub:
         assert status == 200
     wait_until(lambda: requests_counted(scrape(proxy)) == 35, 10.0, "35 requests in /metrics", proxy)
     assert scrape(proxy)[("uvgate_worker_restarts_total", ())] == 0, "a reload restarts no worker"
+
+
+def test_totals_never_go_backwards_across_a_kill_9_under_load(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    """Scraped all along, under load, while a worker is killed and replaced: the total only grows (the dead
+    worker's counts up to its last fold stay; what it counted after is lost, never taken back)."""
+    proxy = proxy_factory(metrics_config(tmp_path / "metrics"), workers=2)
+    victim = slot_workers(proxy)[0]
+    seen: list[float] = []
+
+    def scrape_and_check() -> None:
+        counted = requests_counted(scrape(proxy))
+        assert not seen or counted >= seen[-1], f"the total went backwards: {seen[-1]} then {counted}"
+        seen.append(counted)
+
+    with LoadGenerator(proxy.host, proxy.port, connections=CONNECTIONS, duration=4.0) as load:
+        load.wait_for_successes(200)
+        wait_until(lambda: scrape_and_check() or seen[-1] > 0, 10.0, "requests counted before the kill", proxy)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: scrape_and_check() or slot_workers(proxy)[0] != victim, 10.0, "a replacement on slot 0", proxy
+        )
+        wait_ready(proxy, 10.0)
+        before = seen[-1]
+        wait_until(lambda: scrape_and_check() or seen[-1] > before, 10.0, "counting after the replacement", proxy)
+    result = load.join()
+    scrape_and_check()
+    assert seen[-1] <= result.successes + len(result.failures), "never more than was sent"
+    assert len(seen) >= 4
