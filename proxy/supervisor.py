@@ -609,6 +609,7 @@ class Supervisor:
         return json_response(404, {"error": "not found"})
 
     def _stats(self) -> dict[str, object]:
+        """The /stats.json document: the workers as the supervisor knows them, the rest from the metrics."""
         assert self.metrics_dir is not None
         now = time.monotonic()
         workers: list[dict[str, object]] = [
@@ -630,10 +631,11 @@ class Supervisor:
             generation=self.generation,
             uptime=time.time() - self.started,
             draining=self.draining,
-            restarts=sum(slot.restarts for slot in self.slots),
+            restarts=self._restarts(),
         )
 
     def _restarts(self) -> int:
+        """Workers replaced after a crash or a missed heartbeat, since start (uvgate_worker_restarts_total)."""
         return sum(slot.restarts for slot in self.slots)
 
     # ------------------------------------------------------------------ main loop
