@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -75,27 +78,29 @@ class Rows(html.parser.HTMLParser):
 
 
 def render(url: str, profile: Path) -> Rows:
-    """The page's DOM after its scripts ran, as headless Chromium dumps it."""
-    done = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",  # tests may run as root (CI containers)
-            "--disable-gpu",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    """The page's DOM after its scripts ran, as headless Chromium dumps it (its whole process group is
+    killed afterwards, also on a timeout: Chromium starts helper processes)."""
+    argv = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",  # tests may run as root (CI containers)
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        url,
+    ]
+    browser = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = browser.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(browser.pid, signal.SIGKILL)
+        browser.wait()
+    assert browser.returncode == 0, err[-2000:]
     rows = Rows()
-    rows.feed(done.stdout)
+    rows.feed(out)
     return rows
 
 
