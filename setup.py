@@ -20,6 +20,7 @@ HOT_MODULES = [
     "proxy/exchange.py",
     "proxy/forwarding.py",
     "proxy/gateway.py",
+    "proxy/metrics.py",
     "proxy/routing.py",
     "proxy/server.py",
     "proxy/http1/framing.py",

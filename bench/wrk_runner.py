@@ -112,8 +112,9 @@ def parse_wrk_output(text: str) -> WrkResult:
 
 
 def find_wrk() -> str | None:
-    """Path of wrk on PATH (or $WRK), else None."""
-    return os.environ.get("WRK") or shutil.which("wrk")
+    """Path of wrk: $WRK (a path or a command name) when set, else wrk on PATH; None when that is not an
+    executable (a wrong $WRK is as missing as no wrk at all)."""
+    return shutil.which(os.environ.get("WRK") or "wrk")
 
 
 def wrk_version(wrk: str) -> str:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import re
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from devstack.net import StackError, external_redis_url, http_post_json
-from devstack.stack import PROJECT_ROOT, Stack
+from devstack.stack import PROJECT_ROOT, ProxyService, Stack
+
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d ", re.MULTILINE)  # the start of a proxy log record
 
 
 class _Stop(BaseException):
@@ -28,10 +32,69 @@ def fetch_token(auth_url: str, *, api_key: str = "demo", ttl: int = 3600) -> str
     return token
 
 
+class Reloader:
+    """Reloads the proxy from the config file the user edits (not only its generated copy): when the file
+    changes and on SIGHUP. Says so in the terminal, then what the proxy made of it (read from its log)."""
+
+    def __init__(self, proxy: ProxyService, path: Path) -> None:
+        self.proxy = proxy
+        self.path = path
+        self.mtime = self._mtime()
+        self.requested = False  # set by the SIGHUP handler
+        self.log_offset = -1  # while >= 0: the reload's outcome is looked for in the proxy log from there
+
+    def _mtime(self) -> int:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def poll(self) -> None:
+        """Called by the main loop: reload if asked or the file changed; report an outcome logged since."""
+        mtime = self._mtime()
+        if mtime != self.mtime:
+            self.mtime = mtime
+            self.requested = True
+        if self.requested:
+            self.requested = False
+            self._reload()
+        if self.log_offset >= 0:
+            self._outcome()
+
+    def _reload(self) -> None:
+        try:
+            self.proxy.regenerate()
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            print(f"devstack: cannot read {self.path} ({exc}); the proxy keeps its configuration", flush=True)
+            return
+        self.log_offset = self.proxy.log_path.stat().st_size
+        self.proxy.send_signal(signal.SIGHUP)
+        print(f"devstack: reloading the proxy from {self.path} (generated: {self.proxy.config_path})", flush=True)
+
+    def _outcome(self) -> None:
+        with open(self.proxy.log_path, "rb") as fh:
+            fh.seek(self.log_offset)
+            text = fh.read().decode("utf-8", "replace")
+        serving = re.search(r"generation (\d+) serving", text)
+        if serving:
+            print(f"devstack: the proxy serves {self.path} (generation {serving[1]})", flush=True)
+            self.log_offset = -1
+            return
+        for failure in ("reload rejected", "reload aborted"):
+            at = text.find(failure)
+            if at >= 0:
+                rest = text[at:]
+                end = _RECORD.search(rest)
+                record = rest[: end.start()] if end else rest
+                print(f"devstack: the proxy keeps its running configuration: {record.rstrip()}", flush=True)
+                self.log_offset = -1
+                return
+
+
 def _summary(stack: Stack, token: str | None, token_error: str | None) -> str:
     lines = [f"uvgate dev stack is up; logs and generated config in {stack.run_dir}"]
     urls = stack.urls()
-    labels = {"admin": "admin    (/healthz /readyz)"}
+    labels = {"admin": "admin    (status, /metrics)"}
     lines += [f"  {labels.get(name, name):<27} {url}" for name, url in urls.items()]
     if stack.proxies:
         lines.append(f"  {'config':<27} {stack.config_path}")
@@ -49,7 +112,9 @@ def _summary(stack: Stack, token: str | None, token_error: str | None) -> str:
             lines.append(f"(no token: {token_error})")
             lines.append(f"  curl {target}")
     lines.append("")
-    lines.append("Ctrl-C (or SIGTERM) stops everything; SIGHUP reloads the proxy.")
+    lines.append(
+        "Ctrl-C (or SIGTERM) stops everything (the logs stay); editing the config (or SIGHUP) reloads the proxy."
+    )
     return "\n".join(lines)
 
 
@@ -61,21 +126,22 @@ def run(args: argparse.Namespace) -> int:
     def on_stop(signum: int, frame: FrameType | None) -> None:
         raise _Stop(signum)
 
+    reloaders: list[Reloader] = []
+
     def on_hup(signum: int, frame: FrameType | None) -> None:
-        for proxy in stack.proxies:
-            proxy.send_signal(signal.SIGHUP)
+        for reloader in reloaders:
+            reloader.requested = True
 
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    failed = True
     try:
         if not args.no_redis:
             stack.start_redis(url=external_redis_url())
         stack.start_backend(workers=args.backend_workers)
         if not args.no_auth:
             stack.start_auth()
-        stack.start_proxy(args.config, workers=args.workers)
+        reloaders.append(Reloader(stack.start_proxy(args.config, workers=args.workers), args.config))
         token: str | None = None
         token_error: str | None = None
         if stack.auth is not None:
@@ -97,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                 return 1
+            for reloader in reloaders:
+                reloader.poll()
             time.sleep(0.5)
     except _Stop:
         print("stopping...", file=sys.stderr, flush=True)
-        failed = False
         return 0
     except StackError as exc:
         print(f"devstack: {exc}", file=sys.stderr, flush=True)
@@ -109,9 +176,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        stack.close(remove_run_dir=not failed)
-        if failed:
-            print(f"devstack: logs kept in {stack.run_dir}", file=sys.stderr, flush=True)
+        stack.close(remove_run_dir=False)
+        print(f"devstack: logs kept in {stack.run_dir}", file=sys.stderr, flush=True)
         atexit.unregister(stack.stop)
 
 

@@ -109,11 +109,23 @@ class ProxyService(Service):
         config_path: Path,
         config: dict[str, Any],
         stop_timeout: float,
+        source: ConfigSource | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(name, process, listen[0], listen[1], stop_timeout)
         self.admin_host, self.admin_port = admin
         self.config_path = config_path
         self.config = config
+        self.source = source  # the template the config was generated from (a user's file: re-read on reload)
+        self.overrides = overrides or {}  # what the stack put in it (render_proxy_config's keywords)
+
+    def regenerate(self) -> None:
+        """Generate the config again from its template as it is now (the file a user edits), with the same
+        listeners, upstreams and service addresses; raises OSError or tomllib.TOMLDecodeError."""
+        if self.source is None:
+            return
+        self.config = render_proxy_config(load_config_source(self.source), **self.overrides)
+        dump(self.config, self.config_path)
 
     @property
     def admin_url(self) -> str:
@@ -366,15 +378,15 @@ class Stack:
             admin = admin_port if admin_port is not None else free_port(self.host)
             while admin == listen:
                 admin = free_port(self.host)
-            rendered = render_proxy_config(
-                template,
-                listen=f"{self.host}:{listen}",
-                admin_listen=f"{self.host}:{admin}",
-                workers=workers,
-                upstream_servers=upstream_servers,
-                redis_url=redis_url,
-                auth_url=auth_url,
-            )
+            overrides: dict[str, Any] = {
+                "listen": f"{self.host}:{listen}",
+                "admin_listen": f"{self.host}:{admin}",
+                "workers": workers,
+                "upstream_servers": upstream_servers,
+                "redis_url": redis_url,
+                "auth_url": auth_url,
+            }
+            rendered = render_proxy_config(template, **overrides)
             log_name = self._log_name(name)
             config_path = self.run_dir / f"{log_name}.toml"
             dump(rendered, config_path)
@@ -382,7 +394,15 @@ class Stack:
             timeout = self.stop_timeout if stop_timeout is None else stop_timeout
             process = self._spawn(log_name, argv, kill_mode="mixed", cpus=cpus, stop_timeout=timeout, env=env)
             proxy = ProxyService(
-                log_name, process, (self.host, listen), (self.host, admin), config_path, rendered, timeout
+                log_name,
+                process,
+                (self.host, listen),
+                (self.host, admin),
+                config_path,
+                rendered,
+                timeout,
+                source=config,
+                overrides=overrides,
             )
             if wait_ready:
                 try:

@@ -167,6 +167,15 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True  # count in the workers, serve /metrics and /stats.json on the admin listener
+    # The prometheus-client multiprocess directory. "": a fresh one made (and removed) by the supervisor;
+    # a path: created if missing, its *.db files removed at start and at exit (the supervisor owns it).
+    directory: str = ""
+    interval: float = 1.0  # how often a worker folds its counts into its files
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     upstreams: Mapping[str, UpstreamConfig]
@@ -174,6 +183,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = ""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # ---------------------------------------------------------------------------------------------- parsing helpers
@@ -757,6 +767,31 @@ def _realm(value: object) -> str:
     return text
 
 
+_METRICS_PARSERS: dict[str, Callable[[object], Any]] = {
+    "enabled": _bool,
+    "directory": _string,
+    "interval": _positive_duration,
+}
+
+
+def _metrics(problems: list[tuple[str, object, str]], table: object) -> MetricsConfig:
+    if not isinstance(table, Mapping):
+        problems.append(("metrics", table, "expected a table"))
+        return MetricsConfig()
+    values = _read_section(problems, "metrics.", table, _METRICS_PARSERS, MetricsConfig())
+    for key in table:
+        if key not in _METRICS_PARSERS:
+            problems.append((f"metrics.{key}", table[key], "unknown key"))
+    metrics = MetricsConfig(**values)
+    # Only its form is checked here: it may not exist yet when the config is checked (systemd makes
+    # /run/uvgate when the service starts); the supervisor creates it and names the key if it cannot.
+    if metrics.directory and not os.path.isabs(metrics.directory):
+        problems.append(("metrics.directory", metrics.directory, "must be an absolute path"))
+    if metrics.interval > 60.0:
+        problems.append(("metrics.interval", metrics.interval, "must be at most 60s"))
+    return metrics
+
+
 def _redis(problems: list[tuple[str, object, str]], table: object) -> RedisConfig:
     if not isinstance(table, Mapping):
         problems.append(("redis", table, "expected a table"))
@@ -776,7 +811,7 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     problems: list[tuple[str, object, str]] = []
     for key in data:
-        if key not in ("server", "upstreams", "routes", "redis", "auth"):
+        if key not in ("server", "upstreams", "routes", "redis", "auth", "metrics"):
             problems.append((key, data[key], "unknown section"))
     server = _server(problems, data.get("server", {}))
     auth = _auth_section(problems, data.get("auth", {}), server)
@@ -811,9 +846,12 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         names[route.name] = index
         routes.append(route)
     redis = _redis(problems, data.get("redis", {}))
+    metrics = _metrics(problems, data.get("metrics", {}))
     if problems:
         raise ConfigError(problems)
-    return Config(server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, auth=auth, source=source)
+    return Config(
+        server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, auth=auth, source=source, metrics=metrics
+    )
 
 
 def load(path: str, env: Mapping[str, str] | None = None, workers: int | None = None) -> Config:
@@ -875,6 +913,11 @@ def _origin(key: str, overridden: Mapping[str, str]) -> str:
 def with_listen(config: Config, listen: Address) -> Config:
     """A copy with another listen address (the supervisor resolves port 0 once)."""
     return replace(config, server=replace(config.server, listen=listen))
+
+
+def with_metrics_directory(config: Config, directory: str) -> Config:
+    """A copy naming the metrics directory the supervisor made (workers write their files there)."""
+    return replace(config, metrics=replace(config.metrics, directory=directory))
 
 
 def is_loopback(host: str) -> bool:

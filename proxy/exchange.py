@@ -210,6 +210,7 @@ class Exchange:
         "pending_body",
         "pending_bytes",
         "phase",
+        "pool_wait",
         "prompt",
         "protocol",
         "request_id",
@@ -223,6 +224,7 @@ class Exchange:
         "step",
         "subject",
         "t_end",
+        "t_queued",
         "t_response",
         "t_start",
         "t_upstream",
@@ -300,6 +302,8 @@ class Exchange:
         self.t_upstream = 0.0
         self.t_response = 0.0
         self.t_end = 0.0
+        self.t_queued = 0.0  # when it last queued for a pooled connection (WAIT_CONNECTION), else 0
+        self.pool_wait = 0.0  # seconds spent in WAIT_CONNECTION until a connection took it
 
     # ------------------------------------------------------------------ transitions
 
@@ -351,9 +355,12 @@ class Exchange:
         self._enter(PHASE_WAIT_CONNECTION, deadline)
         self.prompt = False
         self.parked = cluster
+        self.t_queued = perf_counter()
 
     def connecting(self, conn: Parking, server: Address, deadline: float) -> None:
         """A new upstream connection `conn` to `server` is opened for it; connect timeout at `deadline`."""
+        if self.phase == PHASE_WAIT_CONNECTION:
+            self.pool_wait += perf_counter() - self.t_queued
         self._enter(PHASE_CONNECTING, deadline)
         self.prompt = False
         self.parked = conn
@@ -362,6 +369,8 @@ class Exchange:
 
     def sent(self, conn: Upstream, server: Address, deadline: float) -> None:
         """The request head went upstream on `conn`; no response head by `deadline` is a timeout."""
+        if self.phase == PHASE_WAIT_CONNECTION:
+            self.pool_wait += perf_counter() - self.t_queued
         self._enter(PHASE_WAIT_RESPONSE, deadline)
         self.parked = conn
         self.upstream = conn

@@ -25,7 +25,11 @@ listener) dispatches `handle_<signal>`:
   in-flight requests finish (a reload, unlike a stop, keeps every queue for the next generation).
   Wait up to drain_timeout + grace, SIGKILL what is left, exit 0. Socket-activated listeners are
   systemd's and keep listening: what connects meanwhile waits for the next start.
-A worker silent for `heartbeat_timeout` is killed and replaced.
+- SIGUSR1: relayed to every worker, which reopens its access log file (logrotate's postrotate).
+A worker silent for `heartbeat_timeout` is killed and replaced. Metrics: the supervisor owns the
+prometheus-client multiprocess directory (`proxy.metricsio`), made before the first fork and passed to
+workers in their config; a reaped worker's files are folded into the archive; the admin listener
+serves `/metrics`, `/stats.json` and the status page (`proxy.status`) from it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from proxy import config as config_mod
 from proxy.admin import AdminServer, json_response
 from proxy.config import Address, Config
 from proxy.errors import ConfigError
+from proxy.metricsio import MetricsDirectory, SupervisorCollector
+from proxy.status import StatsHistory, status_page
 
 log = logging.getLogger("uvgate.supervisor")
 
@@ -80,6 +86,7 @@ class Slot:
     crashes: int = 0
     respawn_at: float = 0.0
     pending_respawn: bool = False
+    restarts: int = 0  # workers of this slot replaced after a crash or a missed heartbeat
 
 
 @dataclass
@@ -185,6 +192,9 @@ class Supervisor:
         self.listen = config.server.listen
         self._wake_r = -1
         self._wake_w = -1
+        self.started = time.time()
+        self.metrics_dir: MetricsDirectory | None = None
+        self.stats = StatsHistory()
 
     # ------------------------------------------------------------------ setup
 
@@ -224,7 +234,7 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -268,6 +278,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker's loop handles it
         for other in self.slots:
             if other.sock is not slot.sock:  # (socket-activated slots may share one listener)
                 other.sock.close()
@@ -377,6 +388,8 @@ class Supervisor:
             while worker_.pipe >= 0 and self._read_status(worker_):
                 pass  # its last messages (the reason it exited) up to the end of the stream
             self._close_pipe(worker_)
+            if self.metrics_dir is not None:
+                self.metrics_dir.process_dead(pid)
             self._worker_exited(worker_, status)
 
     def _worker_exited(self, worker_: Worker, status: int) -> None:
@@ -411,6 +424,7 @@ class Supervisor:
             slot.crashes = 0
         delay = 0.0 if slot.crashes == 0 else min(self.config.server.restart_backoff_max, 0.1 * 2 ** (slot.crashes - 1))
         slot.crashes += 1
+        slot.restarts += 1
         log.error("worker %d (slot %d) died (%s)%s; restarting in %.1fs", worker_.pid, worker_.slot, how, reason, delay)
         slot.pending_respawn = True
         slot.respawn_at = now + delay
@@ -455,6 +469,12 @@ class Supervisor:
         log.info("SIGINT: draining")
         self.begin_shutdown()
 
+    def handle_sigusr1(self) -> None:
+        log.info("SIGUSR1: workers reopen their access log")
+        for w in list(self.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGUSR1)
+
     def handle_sighup(self) -> None:
         if self.draining:
             return
@@ -470,6 +490,10 @@ class Supervisor:
             log.warning("reload: server.listen changes need a restart; keeping %s", self.listen)
         if new.server.admin_listen != self.config.server.admin_listen:
             log.warning("reload: server.admin_listen changes need a restart; keeping %s", self.admin_address)
+        if self.metrics_dir is not None:
+            if new.metrics.directory not in ("", self.metrics_dir.path):
+                log.warning("reload: metrics.directory changes need a restart; keeping %s", self.metrics_dir.path)
+            new = config_mod.with_metrics_directory(new, self.metrics_dir.path)
         new = config_mod.with_listen(new, self.listen)
         sd_notify(self.notify_socket, "RELOADING=1")
         self._resize_slots(new.server.workers)
@@ -574,7 +598,45 @@ class Supervisor:
             workers = sum(1 for w in self.workers.values() if w.ready and not w.stopping)
             body = {"ready": ready, "draining": self.draining, "workers": workers, "generation": self.generation}
             return json_response(200 if ready else 503, body)
+        if path in ("/metrics", "/stats.json") and (self.metrics_dir is None or not self.config.metrics.enabled):
+            return json_response(404, {"error": "metrics are off ([metrics] enabled = false)"})
+        if path == "/metrics" and self.metrics_dir is not None:
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics_dir.exposition()
+        if path == "/stats.json" and self.metrics_dir is not None:
+            return json_response(200, self._stats())
+        if path in ("/", "/index.html"):
+            return 200, b"text/html; charset=utf-8", status_page()
         return json_response(404, {"error": "not found"})
+
+    def _stats(self) -> dict[str, object]:
+        """The /stats.json document: the workers as the supervisor knows them, the rest from the metrics."""
+        assert self.metrics_dir is not None
+        now = time.monotonic()
+        workers: list[dict[str, object]] = [
+            {
+                "pid": w.pid,
+                "slot": w.slot,
+                "generation": w.generation,
+                "uptime": round(now - w.started, 1),
+                "ready": w.ready,
+                "stopping": w.stopping,
+                "restarts": self.slots[w.slot].restarts if w.slot < len(self.slots) else 0,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.generation))
+        ]
+        return self.stats.report(
+            now,
+            self.metrics_dir.totals(),
+            workers=workers,
+            generation=self.generation,
+            uptime=time.time() - self.started,
+            draining=self.draining,
+            restarts=self._restarts(),
+        )
+
+    def _restarts(self) -> int:
+        """Workers replaced after a crash or a missed heartbeat, since start (uvgate_worker_restarts_total)."""
+        return sum(slot.restarts for slot in self.slots)
 
     # ------------------------------------------------------------------ main loop
 
@@ -585,6 +647,16 @@ class Supervisor:
         except OSError as exc:
             log.error("%s; stopping", exc.strerror or exc)
             return EXIT_BIND_FAILURE
+        try:
+            self.metrics_dir = MetricsDirectory(
+                self.config.metrics.directory, SupervisorCollector(self._restarts, compiled())
+            )
+        except OSError as exc:
+            log.error("metrics.directory: cannot create %s (%s); stopping", exc.filename, exc.strerror or exc)
+            self._close()
+            return EXIT_BOOT_FAILURE
+        self.config = config_mod.with_metrics_directory(self.config, self.metrics_dir.path)
+        self.stats.add(time.monotonic(), {})
         self._install_signals()
         for slot in self.slots:
             self.spawn(slot, self.config, self.generation)
@@ -620,6 +692,8 @@ class Supervisor:
         self._check_heartbeats()
         if self.admin is not None:
             self.admin.expire()
+        if self.metrics_dir is not None and self.stats.due(time.monotonic()):
+            self.stats.add(time.monotonic(), self.metrics_dir.totals())
 
     def _close(self) -> None:
         if self.admin is not None:
@@ -630,6 +704,9 @@ class Supervisor:
             sock.close()
         for w in self.workers.values():
             self._close_pipe(w)
+        if self.metrics_dir is not None:
+            self.metrics_dir.close()
+            self.metrics_dir = None
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:

@@ -9,7 +9,10 @@ sends the reason and exits `EXIT_CRASH` (70, EX_SOFTWARE), and the supervisor re
 backoff. SIGTERM drains: stop accepting (on a reload the supervisor keeps the socket and its
 queue for the next worker; on a stop it takes the socket out of listening state), let in-flight
 exchanges finish with `Connection: close`, close idle connections, exit 0 when none is left or at
-`drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop.
+`drain_timeout`. SIGINT is ignored: the supervisor decides when workers stop. SIGUSR1 (relayed by
+the supervisor) reopens the access log file. With metrics on, finished exchanges are counted
+(`proxy.metrics`) and folded on the tick into this worker's files in the supervisor's metrics
+directory (`proxy.metricsio`), written a last time after the drain.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from proxy.auth.services import AuthServices
 from proxy.config import Config
 from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.metrics import RequestCounts
+from proxy.metricsio import WorkerMetrics
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
@@ -98,6 +103,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         state.finished.append(access_log.exchange_finished)
         state.tick_subscribers.append(access_log.tick)
     state.tick_subscribers.append(status.heartbeat)
+    metrics = _start_metrics(config, state, clusters, auth)
     settings = Http1Settings(state)
     stop = loop.create_future()
 
@@ -106,6 +112,8 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
             stop.set_result(None)
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
+    if access_log is not None:
+        loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
     server = await loop.create_server(
         lambda: HttpProtocol(state, settings), sock=sock, backlog=config.server.backlog, start_serving=True
     )
@@ -128,6 +136,23 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     state.stop()
     if access_log is not None:
         access_log.close()
+    if metrics is not None:
+        metrics.close()
+
+
+def _start_metrics(
+    config: Config, state: WorkerState, clusters: dict[str, Cluster], auth: AuthServices
+) -> WorkerMetrics | None:
+    """Count finished exchanges and fold the counts into this worker's metrics files on the tick, when
+    metrics are on and the supervisor gave their directory."""
+    if not config.metrics.enabled or not config.metrics.directory:
+        return None
+    counts = RequestCounts()
+    caches = {kind: authority.cache for kind, authority in auth.authorities.items()}
+    metrics = WorkerMetrics(config.metrics, counts, state, clusters, caches, os.getpid())
+    state.finished.append(counts.exchange_finished)
+    state.tick_subscribers.append(metrics.tick)
+    return metrics
 
 
 def _die_with_parent(parent: int) -> None:
@@ -147,6 +172,7 @@ def run(config: Config, sock: socket.socket, slot: int, status_fd: int, parent: 
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the loop handles it (access log reopen)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _die_with_parent(parent)

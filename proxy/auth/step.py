@@ -85,12 +85,15 @@ class TokenCache:
     """Authorization value -> `Verdict`, at most `limit` entries, none used past its deadline. The dict is
     keyed by the value's last `KEY_TAIL` bytes; a verdict put here belongs to the cache (its `key`)."""
 
-    __slots__ = ("entries", "evicted", "limit")
+    __slots__ = ("entries", "evicted", "hits", "limit", "misses")
 
     def __init__(self, limit: int) -> None:
         self.entries: dict[bytes, Verdict] = {}
         self.limit = limit
         self.evicted = 0  # entries dropped for room before their deadline
+        # Lookups by the auth steps (metrics read them): a usable entry, or none (the authority decided).
+        self.hits = 0
+        self.misses = 0
 
     def get(self, key: bytes, now: float) -> Verdict | None:
         tail = key[-KEY_TAIL:]
@@ -143,12 +146,16 @@ class AuthStep:
         if header is None:
             return self.missing
         now = exchange.t_start + exchange.worker.wall_offset
-        verdict = self.cache.entries.get(header[-KEY_TAIL:])
+        cache = self.cache
+        verdict = cache.entries.get(header[-KEY_TAIL:])
         if verdict is None or verdict.deadline <= now or verdict.key != header:
+            cache.misses += 1
             verdict = self.authority.authenticate(exchange, header, now)
             error = verdict.error
             if error is not None:
                 return error
+        else:
+            cache.hits += 1
         if self.required and not self.required <= verdict.scopes:
             return self.scope_error
         exchange.subject = verdict.subject

@@ -149,6 +149,7 @@ class HttpProtocol(asyncio.Protocol):
         "head_method",
         "head_raw",
         "header_bytes",
+        "heads_begun",
         "http11",
         "idle_since",
         "in_head",
@@ -221,6 +222,7 @@ class HttpProtocol(asyncio.Protocol):
         self.idle_since = state.now
         self.in_head = False
         self.head_raw = 0
+        self.heads_begun = 0  # request heads the parser started on this connection
         self.head_deadline = 0.0
         self.body_deadline = NEVER
         self.body_total_deadline = NEVER
@@ -360,6 +362,7 @@ class HttpProtocol(asyncio.Protocol):
         body_before = self.body_seen
         chunks_before = self.chunk_headers
         requests_before = self.requests
+        heads_before = self.heads_begun
         while True:
             try:
                 self.feed(data)
@@ -390,6 +393,13 @@ class HttpProtocol(asyncio.Protocol):
                     self._protocol_error(BadRequest(reason or "malformed_request"))
                 return False
             break
+        if self.in_head and self.heads_begun != heads_before:
+            # The head in progress began inside this slice (`head_raw` was reset then): its bytes are what
+            # follows the message before it, which ends at a CRLF CRLF or with body bytes of this slice;
+            # never counted more than it holds, so a read with a long unfinished head gets its 431
+            # whatever the reads before it.
+            end = data.rfind(b"\r\n\r\n")
+            self.head_raw = max(0, len(data) - (end + 4 if end >= 0 else 0) - (self.body_seen - body_before))
         if self.in_head and self.head_raw > self.settings.max_header_bytes:
             self._protocol_error(HeadersTooLarge())
         elif chunked and reading is not None:
@@ -435,6 +445,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing or self.parse_failed:
             raise _StopParsing()  # answered and closing: nothing after this is read
         self.in_head = True
+        self.heads_begun += 1
         self.head_method = b""
         self.head_raw = 0
         self.head_deadline = self.state.now + self.settings.header_timeout

@@ -58,7 +58,7 @@ Connector = Callable[["ServerPool", Exchange], PooledConnection]
 class ServerPool:
     """Connections of this worker to one upstream server."""
 
-    __slots__ = ("address", "cluster", "ejected_until", "fails", "idle", "logged", "open")
+    __slots__ = ("address", "cluster", "connect_errors", "ejected_until", "fails", "idle", "logged", "open")
 
     def __init__(self, cluster: Cluster, address: Address) -> None:
         self.cluster = cluster
@@ -66,6 +66,7 @@ class ServerPool:
         self.idle: deque[PooledConnection] = deque()  # right end = most recently used
         self.open = 0  # connecting + busy + idle
         self.fails = 0  # consecutive connect failures
+        self.connect_errors = 0  # every connect failure since the worker started (metrics read it)
         self.ejected_until = 0.0
         self.logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged at, failures not logged since)
 
@@ -198,6 +199,7 @@ class Cluster:
         """A connect attempt failed (its slot is already given back through `discard`): count it, maybe
         eject the server, and move the exchange on to another server (each server tried once)."""
         self.report(server, reason, now)
+        server.connect_errors += 1
         server.fails += 1
         if server.fails >= self.config.max_fails:
             server.fails = 0

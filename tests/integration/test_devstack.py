@@ -293,3 +293,65 @@ def test_devstack_run_end_to_end(tmp_path: Path) -> None:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def test_devstack_run_reloads_the_config_the_user_edits(tmp_path: Path) -> None:
+    """Editing the config file `make run` started from reloads the proxy (not only the generated copy); the
+    terminal says so and what the proxy made of it; the logs stay after a clean stop."""
+    config = tmp_path / "dev.toml"
+    config.write_text((PROJECT_ROOT / "configs" / "dev.toml").read_text())
+    out = tmp_path / "stdout.txt"
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    with open(out, "wb") as fh:
+        child = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "devstack",
+                "run",
+                "--workers",
+                "1",
+                "--no-redis",
+                "--config",
+                str(config),
+                "--run-dir",
+                str(run_dir),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_output(pattern: str) -> str:
+        deadline = time.monotonic() + 90
+        while True:
+            text = out.read_text()
+            if re.search(pattern, text):
+                return text
+            assert child.poll() is None, text
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{text}"
+            time.sleep(0.1)
+
+    try:
+        wait_output("Ctrl-C")
+        generated = next(run_dir.glob("proxy*.toml"))
+        config.write_text(config.read_text().replace('via = "1.1 uvgate"', 'via = "1.1 edited"'))
+        wait_output(rf"devstack: reloading the proxy from {re.escape(str(config))}")
+        wait_output(r"devstack: the proxy serves .* \(generation 2\)")
+        assert 'via = "1.1 edited"' in generated.read_text()
+
+        config.write_text(config.read_text().replace('via = "1.1 edited"', 'via = "1.1 edited"\nbogus_key = 1'))
+        text = wait_output(r"devstack: the proxy keeps its running configuration: reload rejected")
+        assert "server.bogus_key" in text, text
+
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 0, out.read_text()
+        assert f"devstack: logs kept in {run_dir}" in out.read_text()
+        assert (run_dir / "proxy.log").exists() and (run_dir / "backend_stub.log").exists()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,18 @@ def test_missing_wrk_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     monkeypatch.setenv("PATH", "")
     assert main(["--runs", "1"]) == 2
     assert "apt-get install wrk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrk", ["/nonexistent/wrk", "no-such-wrk-command"])
+def test_a_wrong_wrk_path_exits_2_with_the_install_hint_and_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, wrk: str
+) -> None:
+    monkeypatch.setenv("WRK", wrk)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        assert main(["--runs", "1", "--results-dir", str(tmp_path / "results")]) == 2
+    finally:
+        tempfile.tempdir = None
+    assert "apt-get install wrk" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no temporary directory or result left behind"
