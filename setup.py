@@ -22,6 +22,7 @@ HOT_MODULES = [
     "proxy/gateway.py",
     "proxy/ratelimit/bucket.py",
     "proxy/ratelimit/ledger.py",
+    "proxy/ratelimit/step.py",
     "proxy/ratelimit/window.py",
     "proxy/routing.py",
     "proxy/server.py",

@@ -534,10 +534,10 @@ def _route(
     scopes = reader.get("required_scope", _scopes, no_scopes)
     limit_names = reader.get("limits", _limit_list, no_scopes)
     reader.finish()
-    for name in limit_names:
-        if name not in limits:
+    for limit_name in limit_names:
+        if limit_name not in limits:
             known = ", ".join(sorted(limits)) or "none defined"
-            problems.append((f"{prefix}limits", name, f"no such [limits.{name}] table (known: {known})"))
+            problems.append((f"{prefix}limits", limit_name, f"no such [limits.{limit_name}] table (known: {known})"))
     if upstream and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none defined"
         problems.append((f"{prefix}upstream", upstream, f"no such upstream (known: {known})"))

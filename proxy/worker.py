@@ -29,6 +29,7 @@ from proxy.auth.services import AuthServices
 from proxy.config import Config
 from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
@@ -87,10 +88,13 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     connector = make_connector(state)
     clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
     auth = AuthServices(config, state)
-    state.gateway = Gateway(config, state, clusters, auth_steps(auth.authorities, auth.realm))
+    limits = LimitServices(config, state)
+    state.gateway = Gateway(config, state, clusters, auth_steps(auth.authorities, auth.realm, limits.steps))
     for cluster in clusters.values():
         state.tick_subscribers.append(cluster.sweep)
     state.tick_subscribers.append(auth.tick)
+    state.tick_subscribers.append(limits.tick)
+    limits.start()  # the Redis sync of global limits (it never holds up serving: see failure_mode)
     await auth.boot()  # the JWKS before ready (auth.jwt.jwks_boot says what a failure does)
     access_log: AccessLog | None = None
     if config.server.access_log:
@@ -125,6 +129,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     for cluster in clusters.values():
         cluster.close_idle()
     auth.close()
+    await limits.close()
     state.stop()
     if access_log is not None:
         access_log.close()

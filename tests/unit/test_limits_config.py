@@ -41,7 +41,7 @@ def test_the_issue_example_is_read_with_its_defaults() -> None:
     limit = built.limits["per_key"]
     assert (limit.local_rate, limit.local_burst, limit.global_limit, limit.window) == (500.0, 100, 2000, 1.0)
     assert (limit.algorithm, limit.max_subjects) == ("fixed_window", 100_000)
-    assert built.routes[0].limits == ("per_key",)
+    assert built.routes[0].limits == ("per_key",) and built.routes[0].name == "/api/"
     redis = built.redis
     assert (redis.url, redis.cluster, redis.failure_mode) == ("redis://127.0.0.1:6379/0", False, FAIL_CLOSED)
     assert (redis.sync_interval, redis.timeout, redis.key_prefix) == (0.01, 0.05, "uvgate:rl:")
