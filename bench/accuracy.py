@@ -46,7 +46,7 @@ UNDER = 0.95  # ... and >= UNDER * limit
 class Outcome:
     wall: float  # time.time() when the response arrived
     status: int
-    latency: float  # seconds from the scheduled send
+    latency: float  # seconds from sending the request to its response
 
 
 class PacedLoad:
@@ -111,6 +111,7 @@ class PacedLoad:
                     self._stop.wait(pause)
                 if conn is None:
                     conn = RawHTTPConnection("127.0.0.1", port, timeout=10.0)
+                sent = time.monotonic()
                 try:
                     conn.request("GET", self.target)
                     response = conn.read_response()
@@ -121,7 +122,7 @@ class PacedLoad:
                     conn = None
                     due += gap
                     continue
-                mine.append(Outcome(time.time(), response.status, time.monotonic() - due))
+                mine.append(Outcome(time.time(), response.status, time.monotonic() - sent))
                 if (response.header("connection") or "").lower() == "close":
                     conn.close()
                     conn = None

@@ -94,8 +94,8 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         state.tick_subscribers.append(cluster.sweep)
     state.tick_subscribers.append(auth.tick)
     state.tick_subscribers.append(limits.tick)
-    limits.start()  # the Redis sync of global limits (it never holds up serving: see failure_mode)
     await auth.boot()  # the JWKS before ready (auth.jwt.jwks_boot says what a failure does)
+    await limits.boot()  # the first Redis connection before ready (a failure: served per redis.failure_mode)
     access_log: AccessLog | None = None
     if config.server.access_log:
         access_log = AccessLog.open(config.server.access_log_path, slot)

@@ -37,6 +37,7 @@ LEARN: Final = 2  # not known well enough (new subject, stale share, share spent
 
 MAX_WORKERS: Final = 64.0  # the largest worker-count estimate (the smallest share is remaining / 64)
 _SMOOTHING: Final = 0.5  # weight of the past in the rate estimates
+SPREAD: Final = 2.0  # a share is the remaining budget over SPREAD x the workers: half a fair share
 
 
 def _nothing() -> None:
@@ -236,7 +237,7 @@ class Ledger:
             return 0
         # What the other workers added between two replies and this one has not seen yet comes off first.
         unseen = entry.grown - entry.own
-        share = int((remaining - unseen if unseen > 0.0 else remaining) / entry.workers)
+        share = int((remaining - unseen if unseen > 0.0 else remaining) / (SPREAD * entry.workers))
         return share if share > 0 else 1
 
     def sweep(self, wall: float) -> int:

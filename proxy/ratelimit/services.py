@@ -77,10 +77,10 @@ class LimitServices:
             limits.append(RouteLimit(name, bucket, ledger))
         return (LimitStep(limits, self.health, self.waiters, self.wait_timeout),)
 
-    def start(self) -> None:
-        """Start the Redis sync (if any limit is global)."""
+    async def boot(self) -> None:
+        """Connect to Redis and start the sync (if any limit is global); a failure is logged, never fatal."""
         if self.sync is not None:
-            self.sync.start()
+            await self.sync.boot()
 
     def tick(self, now: float) -> None:
         """Worker tick: now and then, drop idle buckets and entries of past windows."""

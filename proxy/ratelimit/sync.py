@@ -13,8 +13,12 @@ fails (refused, reset, slower than `timeout`, any error of the client), its incr
 (Redis may have applied them), the client is dropped (the next attempt reconnects), `SyncHealth.up`
 goes false, the parked exchanges are woken (the steps then serve on local limits, or answer 503, per
 `failure_mode`), and attempts continue with backoff (doubling from `sync_interval` to
-`MAX_BACKOFF`), a PING when there is nothing to send, until one succeeds: `up` again. Failures are
-counted and logged at most once per `LOG_EVERY` seconds; the recovery is logged once.
+`MAX_BACKOFF`), a PING when there is nothing to send, until one succeeds: `up` again. With nothing to
+send while up, a PING every `PROBE_EVERY` seconds notices an outage that no increment would (a subject
+refused from its known count sends nothing). Failures are
+counted and logged at most once per `LOG_EVERY` seconds; the recovery is logged once. `boot` makes
+the first connection before the worker reports ready (a cold client pays imports and a handshake that
+would not fit a round trip's budget) and then starts the loop; a failure there is a failure like any.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ log = logging.getLogger("uvgate.ratelimit")
 
 MAX_BACKOFF = 1.0
 LOG_EVERY = 10.0
+BOOT_TIMEOUT = 2.0
+PROBE_EVERY = 1.0  # with nothing to send, a PING this often: an outage is noticed (and the link kept warm)
 
 
 class _Book:
@@ -97,7 +103,7 @@ class RedisSync:
         self.errors = 0  # failed round trips, all told
         self._unlogged = 0  # failures since the last log line
         self._next_log = 0.0
-        self._closing = False
+        self._answered = 0.0  # time.monotonic() of the last answer
 
     def add(self, ledger: Ledger, route: str, limit: str) -> None:
         """Sync `ledger`, the counters of `limit` on `route`."""
@@ -108,12 +114,19 @@ class RedisSync:
         """A ledger wants a round trip now (called from the hot path: sets an event, nothing more)."""
         self.event.set()
 
-    def start(self) -> None:
+    async def boot(self) -> None:
+        """Connect before the worker serves (redis-py's modules imported, the first connection made, within
+        `BOOT_TIMEOUT` or the round-trip timeout if longer), then start the sync. A failure is logged and the
+        worker serves per failure_mode while the sync retries with backoff."""
+        self.client = make_client(self.config)
+        try:
+            await asyncio.wait_for(self.client.ping(), max(BOOT_TIMEOUT, self.config.timeout))
+        except Exception as exc:  # whatever the client raised: Redis is not usable yet
+            self._failed(exc)
         self.task = self.loop.create_task(self._run())
 
     async def close(self) -> None:
         """Stop: one last round trip for what is pending (within the timeout), then close the client."""
-        self._closing = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,7 +151,7 @@ class RedisSync:
     async def round_trip(self) -> bool:
         """One sync: True when Redis answered (or there was nothing to send while healthy)."""
         batches = [book.ledger.take_batch() for book in self.books]
-        if not any(batches) and self.health.up:
+        if not any(batches) and self.health.up and time.monotonic() - self._answered < PROBE_EVERY:
             return True
         try:
             replies = await asyncio.wait_for(self._send(batches), self.config.timeout)
@@ -150,6 +163,7 @@ class RedisSync:
             self._failed(exc)
             return False
         self.round_trips += 1
+        self._answered = time.monotonic()
         wall = time.time()
         position = 0
         for book, batch in zip(self.books, batches, strict=True):

