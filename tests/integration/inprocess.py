@@ -41,15 +41,24 @@ def run(test: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
 class Worker:
     """One worker's request path serving on 127.0.0.1 (a free port), with the given steps and hooks; without
     `steps`, the routes' steps from the config, as the worker builds them (`auth`: the auth services, booted
-    on entry like a worker's; `limits`: the rate-limit services, their Redis sync started)."""
+    on entry like a worker's; `limits`: the rate-limit services, their Redis sync started), which `around` may
+    wrap with test-only steps."""
 
-    def __init__(self, config: dict[str, Any], backend: str, steps: StepFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        backend: str,
+        steps: StepFactory | None = None,
+        *,
+        around: Callable[[StepFactory], StepFactory] | None = None,
+    ) -> None:
         data = copy.deepcopy(config)
         data.setdefault("server", {})["listen"] = "127.0.0.1:0"
         for upstream in data["upstreams"].values():
             upstream.setdefault("servers", [backend])
         self.config = build(data)
         self.steps = steps
+        self.around = around  # wraps the config's steps (test-only steps before or after them)
         self.finished: list[Exchange] = []
         self.port = 0
         self.state: WorkerState | None = None
@@ -69,6 +78,8 @@ class Worker:
             auth = self.auth = AuthServices(self.config, state)
             limits = self.limits = LimitServices(self.config, state)
             steps = auth_steps(auth.authorities, auth.realm, limits.steps)
+            if self.around is not None:
+                steps = self.around(steps)
             state.tick_subscribers.append(auth.tick)
             state.tick_subscribers.append(limits.tick)
             await auth.boot()

@@ -68,3 +68,42 @@ class RedisProcess:
         if self.process is not None:
             self.process.send_signal(signal.SIGCONT)
             self.process.stop(5.0)
+
+
+class RedisClusterProcesses:
+    """`size` cluster-enabled servers from the same binary on 127.0.0.1, slots split evenly by the fixture
+    (CLUSTER ADDSLOTSRANGE), joined by CLUSTER MEET; `start` returns once every node says cluster_state:ok."""
+
+    def __init__(self, binary: str, run_dir: Path, size: int = 3) -> None:
+        self.nodes = [RedisProcess(binary, run_dir / f"node{index}") for index in range(size)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        import redis
+
+        for node in self.nodes:
+            node.run_dir.mkdir(parents=True, exist_ok=True)
+            node.start(("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"))
+        clients = [redis.Redis(host="127.0.0.1", port=node.port) for node in self.nodes]
+        try:
+            step = 16384 // len(clients)
+            for index, client in enumerate(clients):
+                last = 16383 if index == len(clients) - 1 else (index + 1) * step - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", index * step, last)
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            deadline = time.monotonic() + 30.0
+            while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients):
+                if time.monotonic() > deadline:
+                    raise AssertionError("the cluster did not reach cluster_state:ok within 30 s")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

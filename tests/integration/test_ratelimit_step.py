@@ -11,6 +11,9 @@ from typing import Any
 import redis
 
 from devstack import RedisServer, Service
+from proxy.errors import ProxyError
+from proxy.exchange import Exchange
+from proxy.gateway import StepFactory
 from tests.integration.inprocess import Worker, request, run
 
 WINDOW = 3600.0  # long windows: a test never straddles an edge (see fresh_window)
@@ -142,3 +145,53 @@ def test_other_workers_counts_are_seen_and_a_second_limit_refuses_without_spendi
         assert store.get(f"{prefix}{{/echo|wide|127.0.0.1}}:{window}") == b"93", "refused requests spend nothing"
     finally:
         store.close()
+
+
+class SubjectFromHeader:
+    """Test-only step: the subject from `x-subject` (as an auth step would set it)."""
+
+    def check(self, exchange: Exchange) -> ProxyError | None:
+        for name, value in exchange.headers:
+            if name == b"x-subject":
+                exchange.subject = value
+        return None
+
+
+class Teapot(ProxyError):
+    status = 418
+    code = "teapot"
+
+
+class AnswerHere:
+    """Test-only step: answers every request that passed the limits (no upstream traffic)."""
+
+    def check(self, exchange: Exchange) -> ProxyError | None:
+        return Teapot()
+
+
+def test_100k_subjects_keep_a_worker_bounded_at_max_subjects(backend_stub: Service) -> None:
+    subjects, bound = 100_000, 5_000
+    data = config("", burst={"local_rate": 1, "local_burst": 2, "max_subjects": bound})
+    del data["redis"]
+
+    def around(steps: StepFactory) -> StepFactory:
+        return lambda route: [SubjectFromHeader(), *steps(route), AnswerHere()]
+
+    async def main() -> None:
+        async with Worker(data, backend_stub.address, around=around) as worker:
+            assert worker.limits is not None
+            (table,) = worker.limits.tables
+            clients = [await worker.client() for _ in range(4)]
+            batch = 250
+            sent = 0
+            while sent < subjects:
+                for client in clients:
+                    client.send(b"".join(request("/echo", ("x-subject", f"s{sent + i}")) for i in range(batch)))
+                    sent += batch
+                for client in clients:
+                    for _ in range(batch):
+                        assert (await client.response()).status == 418
+                assert len(table) <= bound
+            assert len(table) <= bound
+
+    run(main, timeout=120.0)
