@@ -357,13 +357,13 @@ def simulate(
 
 
 def _line(name: str, counts: Sequence[int], limit: int) -> str:
-    worst_over = max(counts) - limit
-    worst_under = limit - min(counts)
+    most, fewest = max(counts), min(counts)
     verdict = "within the bar" if within_bar(counts, limit) else "OUTSIDE the bar"
     return (
         f"{name:<34} per window: {' '.join(str(n) for n in counts)}\n"
-        f"{'':<34} worst overshoot {worst_over:+d} ({100 * worst_over / limit:+.2f} %), "
-        f"worst undershoot {worst_under:+d} ({100 * worst_under / limit:+.2f} %): {verdict}"
+        f"{'':<34} worst overshoot {most - limit:+d} ({100 * (most - limit) / limit:+.2f} %), "
+        f"worst undershoot {max(0, limit - fewest)} (fewest {fewest}, {100 * (fewest - limit) / limit:+.2f} %): "
+        f"{verdict}"
     )
 
 
