@@ -889,7 +889,7 @@ def _limit(problems: list[tuple[str, object, str]], name: str, table: object, re
         problems.append((f"limits.{name}", dict(table), "needs local_rate or global_limit (or both)"))
     if config.global_limit and not redis.url:
         problems.append((prefix + "global_limit", config.global_limit, "needs a [redis] table with a url"))
-    if config.global_limit and "window" in table and config.window <= 2 * redis.sync_interval:
+    if config.global_limit and config.window <= 2 * redis.sync_interval:
         problems.append((prefix + "window", config.window, "must be longer than twice redis.sync_interval"))
     return config
 

@@ -38,6 +38,7 @@ _X_LIMIT: Final = b"x-ratelimit-limit"
 _X_REMAINING: Final = b"x-ratelimit-remaining"
 _X_RESET: Final = b"x-ratelimit-reset"
 _RETRY_AFTER: Final = b"retry-after"
+_REFUSALS_KEPT: Final = 4096
 
 
 class SyncHealth:
@@ -87,7 +88,7 @@ class RouteLimit:
 class LimitStep:
     """A route's rate limits, in config order."""
 
-    __slots__ = ("health", "limits", "policy", "unavailable", "wait_error", "wait_timeout", "waiters")
+    __slots__ = ("health", "limits", "policy", "refusals", "unavailable", "wait_error", "wait_timeout", "waiters")
 
     def __init__(self, limits: list[RouteLimit], health: SyncHealth, waiters: WaitList, wait_timeout: float) -> None:
         self.limits = limits
@@ -101,6 +102,8 @@ class LimitStep:
         self.wait_error = ServiceUnavailable(
             "ratelimit_timeout", fields={"error_description": "the rate-limit store did not answer in time"}
         )
+        # 429s by (Retry-After seconds, limit index, scope): a flood of refused requests reuses a few answers.
+        self.refusals: dict[int, TooManyRequests] = {}
 
     def check(self, exchange: Exchange) -> ProxyError | None:
         subject = exchange.subject
@@ -154,11 +157,20 @@ class LimitStep:
         index = self.limits.index(limit)
         self._headers(exchange, wall, index + 1, self.health.up)
         seconds = _seconds(wait)
-        return TooManyRequests(
-            "rate_limited",
-            headers=((_RETRY_AFTER, b"%d" % (seconds if seconds > 0 else 1)),),
-            fields={"limit": limit.name, "scope": scope.decode()},
-        )
+        if seconds < 1:
+            seconds = 1
+        key = (seconds * len(self.limits) + index) * 2 + (1 if scope == b"global" else 0)
+        refusal = self.refusals.get(key)
+        if refusal is None:
+            if len(self.refusals) >= _REFUSALS_KEPT:
+                self.refusals.clear()
+            refusal = TooManyRequests(
+                "rate_limited",
+                headers=((_RETRY_AFTER, b"%d" % seconds),),
+                fields={"limit": limit.name, "scope": scope.decode()},
+            )
+            self.refusals[key] = refusal
+        return refusal
 
     def _headers(self, exchange: Exchange, wall: float, count: int, up: bool) -> None:
         """RateLimit and X-RateLimit-* for the first `count` limits, as their last peek (and spend) left them."""
