@@ -1,5 +1,5 @@
 """Fixtures of the integration tests that need processes of their own: a Redis-protocol server to kill, pause and
-restart, and a 3-node Redis Cluster."""
+restart, a 3-node Redis Cluster, and a Sentinel watching a server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devstack import find_redis_server
-from tests.integration.redisproc import RedisClusterProcesses, RedisProcess
+from tests.integration.redisproc import RedisClusterProcesses, RedisProcess, SentinelProcess
 
 
 def _binary() -> str:
@@ -39,3 +39,14 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel(own_redis: RedisProcess, tmp_path: Path) -> Iterator[SentinelProcess]:
+    """A Sentinel watching `own_redis` (as "mymaster"), stopped after the test."""
+    sentinel = SentinelProcess(_binary(), tmp_path / "sentinel", own_redis)
+    try:
+        sentinel.start()
+        yield sentinel
+    finally:
+        sentinel.stop()

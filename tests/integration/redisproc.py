@@ -107,3 +107,51 @@ class RedisClusterProcesses:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class SentinelProcess:
+    """A Sentinel (the same binary, `--sentinel`) on 127.0.0.1 watching `master` as `name`, quorum 1."""
+
+    def __init__(self, binary: str, run_dir: Path, master: RedisProcess, name: str = "mymaster") -> None:
+        self.binary = binary
+        self.run_dir = run_dir
+        self.master = master
+        self.name = name
+        self.port = 0
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.name}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(BIND_RETRIES):
+            self.port = free_port()
+            conf = self.run_dir / "sentinel.conf"  # Sentinel rewrites it: a fresh one per attempt
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.run_dir}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
+            )
+            self.process = Process(
+                f"sentinel-{attempt}", [self.binary, str(conf), "--sentinel"], log_path=self.run_dir / "sentinel.log"
+            )
+            try:
+                wait_redis("127.0.0.1", self.port, time.monotonic() + 20.0, process=self.process)
+                break
+            except StackError:
+                self.process.stop(5.0)
+                if attempt + 1 == BIND_RETRIES:
+                    raise
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        try:
+            address = client.execute_command("SENTINEL", "get-master-addr-by-name", self.name)
+            assert address == [b"127.0.0.1", str(self.master.port).encode()], address
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(5.0)

@@ -14,7 +14,7 @@ import redis
 
 from bench.accuracy import OVER, SLACK, UNDER, PacedLoad, run_live
 from devstack import ProxyFactory, RawHTTPConnection, RedisServer, Service, Stack
-from tests.integration.redisproc import RedisClusterProcesses, RedisProcess
+from tests.integration.redisproc import RedisClusterProcesses, RedisProcess, SentinelProcess
 from tests.supervisor.helpers import wait_until
 
 WINDOW = 3600.0
@@ -218,3 +218,21 @@ def test_redis_stopped_for_3s_under_load_delays_no_request_beyond_the_timeout(
     worst = max(o.latency for o in during)
     assert worst <= 2 * timeout + 0.01 + 0.3, f"a request took {worst:.3f}s while Redis was stopped"
     wait_until(lambda: "answers again" in proxy.read_log(), 5.0, "the sync recovered after SIGCONT", proxy)
+
+
+def test_a_sentinel_url_finds_the_master_and_the_limit_holds_there(
+    proxy_factory: ProxyFactory, backend_stub: Service, own_redis: RedisProcess, redis_sentinel: SentinelProcess
+) -> None:
+    fresh_window()
+    workers, limit = 2, 10
+    config = limited(redis_sentinel.url, limit)
+    proxy = proxy_factory(config, workers=workers)
+    statuses = [get(proxy.port)[0] for _ in range(limit + 4)]
+    admitted = statuses.count(200)
+    assert limit <= admitted <= limit + workers - 1 and statuses.count(429) == len(statuses) - admitted, statuses
+    store = redis.Redis.from_url(own_redis.url)  # the master itself
+    try:
+        key = f"{config['redis']['key_prefix']}{{/api/|per_key|127.0.0.1}}:{int(time.time() // WINDOW)}"
+        wait_until(lambda: int(store.get(key) or 0) >= limit, 5.0, "the count synced to the master", proxy)
+    finally:
+        store.close()
