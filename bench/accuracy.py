@@ -308,6 +308,7 @@ def simulate(
             book.commit()
             count(now)
         elif verdict == LEARN:
+            book.reserve()
             parked[worker] += 1
             if not busy[worker]:
                 send(worker, now)

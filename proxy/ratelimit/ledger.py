@@ -10,7 +10,14 @@ the global count grew by between two replies over what this worker added: the wo
 seen from here; at least `min_workers`, the workers of this host). So between two syncs the workers
 together spend about the remaining budget and no more, whatever their number; when a share runs out
 the entry is queued and the ledger asks for an early sync (`on_urgent`), and requests wait for the
-reply. A share is good for `share_ttl` seconds after its reply: an entry idle longer learns again
+reply. When less than one request is left per worker (the *tail*: the share comes out under 1), no
+share is given: one waiting request per round trip reserves its increment instead (counted as pending,
+sent at once); the reply says whether it fit under the limit (Redis applied this worker's increments
+together, the reservation last, so the total says where it fell): if so a request is admitted from
+`prepaid`, else the view is at the limit and they are refused. So the last requests of a window are
+decided by Redis itself, one per worker and round trip, and a subject's sequential requests get
+exactly the limit whatever the number of workers. A share is
+good for `share_ttl` seconds after its reply: an entry idle longer learns again
 before it admits (a subject never seen also learns first). At a window edge an entry rolls over:
 what it had not sent goes in the next batch under the old window's key, and the new window starts
 known at zero if the edge is less than `share_ttl` ago (every worker's share of a fresh window
@@ -34,6 +41,7 @@ from proxy.ratelimit.window import elapsed_fraction, used, window_of
 ADMIT: Final = 0  # within the limit and this worker's share: `commit` counts it
 REJECT: Final = 1  # the view is at the limit: 429
 LEARN: Final = 2  # not known well enough (new subject, stale share, share spent): a sync is asked for; wait
+# (the caller then calls `reserve` if the request does wait)
 
 MAX_WORKERS: Final = 64.0  # the largest worker-count estimate (the smallest share is remaining / 64)
 _SMOOTHING: Final = 0.5  # weight of the past in the rate estimates
@@ -56,10 +64,14 @@ class Entry:
         "learned",
         "own",
         "pending",
+        "prepaid",
         "previous",
         "queued",
+        "reserved",
+        "reserving",
         "share",
         "subject",
+        "tail",
         "window",
         "workers",
     )
@@ -72,6 +84,10 @@ class Entry:
         self.inflight = 0  # sent, not answered yet
         self.pending = 0  # admitted, not sent yet
         self.share = 0  # how many more this worker may admit before the next reply
+        self.tail = False  # less than one request per worker left: requests reserve their increment first
+        self.reserved = 0  # of `pending`: a reservation of a waiting request (tail), not sent yet
+        self.reserving = 0  # reservations sent, not answered yet
+        self.prepaid = 0  # reservations Redis answered within the limit, not yet taken by a request
         self.known = False  # `learned` was answered for `window` (or the window is fresh)
         self.fresh_until = 0.0  # the share is good until this Unix time
         self.queued = False  # in the ledger's queue for the next batch
@@ -90,14 +106,17 @@ class Entry:
 class Sent:
     """One key of a batch: `count` increments of `subject` in `window` (`entry` None once it is gone)."""
 
-    __slots__ = ("count", "entry", "expire", "subject", "window")
+    __slots__ = ("count", "entry", "expire", "reserved", "subject", "window")
 
-    def __init__(self, entry: Entry | None, subject: bytes, window: int, count: int, expire: bool) -> None:
+    def __init__(
+        self, entry: Entry | None, subject: bytes, window: int, count: int, expire: bool, reserved: int = 0
+    ) -> None:
         self.entry = entry
         self.subject = subject
         self.window = window
-        self.count = count
+        self.count = count  # increments, `reserved` of them reservations (the last ones)
         self.expire = expire  # set the key's expiry with this increment (the first this worker sends)
+        self.reserved = reserved
 
 
 class Ledger:
@@ -113,9 +132,11 @@ class Ledger:
         "max_entries",
         "min_workers",
         "on_urgent",
+        "prepaid_hit",
         "queue",
         "share_ttl",
         "sliding",
+        "tail_hit",
         "urgent",
         "view",
     )
@@ -145,6 +166,8 @@ class Ledger:
         self.evicted = 0
         self.entry = Entry(b"", 0, 1.0)  # the entry of the last `peek` (what `commit` counts on)
         self.view = 0.0  # the count the last `peek` saw (remaining = limit - view)
+        self.prepaid_hit = False  # the last `peek` admitted a reservation Redis answered (counted already)
+        self.tail_hit = False  # the last `peek` said LEARN in the tail: `reserve` may reserve
 
     # ------------------------------------------------------------------ hot path
 
@@ -163,12 +186,23 @@ class Ledger:
         else:
             view = float(count)
         self.view = view
+        self.prepaid_hit = False
+        self.tail_hit = False
         if not entry.known:
             self._ask(entry)
             return LEARN
+        if entry.prepaid > 0:
+            self.prepaid_hit = True
+            return ADMIT
         if view + 1.0 > self.limit:
             return REJECT
-        if entry.share <= 0 or wall > entry.fresh_until:
+        if wall > entry.fresh_until:
+            self._ask(entry)
+            return LEARN
+        if entry.share <= 0:
+            # In the tail, one reservation per round trip (`reserve`, once every limit of the route let
+            # the request wait rather than refused it): counted, admitted once Redis says it fits.
+            self.tail_hit = entry.tail and not entry.reserved and not entry.reserving
             self._ask(entry)
             return LEARN
         return ADMIT
@@ -176,6 +210,10 @@ class Ledger:
     def commit(self) -> None:
         """Count one request on the entry the last `peek` admitted."""
         entry = self.entry
+        if self.prepaid_hit:  # a reservation: counted in Redis already
+            self.prepaid_hit = False
+            entry.prepaid -= 1
+            return
         entry.pending += 1
         entry.share -= 1
         self.view += 1.0
@@ -184,6 +222,15 @@ class Ledger:
             self.queue.append(entry)
         if entry.share <= 0:
             self._urge()
+
+    def reserve(self) -> None:
+        """The request the last `peek` told to wait (LEARN) waits: in the tail, reserve its increment."""
+        if self.tail_hit:
+            self.tail_hit = False
+            entry = self.entry
+            entry.pending += 1
+            entry.reserved = 1
+            self.view += 1.0
 
     def remaining(self) -> int:
         """What the last `peek` left of the limit (after `commit`, if it was called)."""
@@ -203,12 +250,15 @@ class Ledger:
         """`entry` moves to `window`: its unsent increments go in the next batch under the old key."""
         old = entry.window
         if entry.pending:
-            self.carry.append(Sent(entry, entry.subject, old, entry.pending, not entry.expiry_set))
+            self.carry.append(Sent(entry, entry.subject, old, entry.pending, not entry.expiry_set, entry.reserved))
         entry.previous = entry.learned + entry.inflight + entry.pending if window == old + 1 else 0
         entry.window = window
         entry.learned = 0
         entry.inflight = 0
         entry.pending = 0
+        entry.reserved = 0
+        entry.reserving = 0
+        entry.prepaid = 0
         entry.expiry_set = False
         edge = window * self.length
         # A window that began less than a share's life ago is known: nobody can have spent more of it
@@ -233,12 +283,16 @@ class Ledger:
         count = entry.learned + entry.inflight + entry.pending
         fraction = elapsed_fraction(wall, self.length, entry.window)
         remaining = self.limit - used(entry.previous, count, fraction, self.sliding)
+        entry.tail = False
         if remaining < 1.0:
             return 0
         # What the other workers added between two replies and this one has not seen yet comes off first.
         unseen = entry.grown - entry.own
         share = int((remaining - unseen if unseen > 0.0 else remaining) / (SPREAD * entry.workers))
-        return share if share > 0 else 1
+        if share < 1:
+            entry.tail = True
+            return 0
+        return share
 
     def sweep(self, wall: float) -> int:
         """Drop entries of past windows with nothing to send or in flight; how many were dropped."""
@@ -261,7 +315,9 @@ class Ledger:
         for subject in stale:
             entry = entries.pop(subject)
             if entry.pending:  # counted, never sent: goes with the next batch
-                self.carry.append(Sent(None, subject, entry.window, entry.pending, not entry.expiry_set))
+                self.carry.append(
+                    Sent(None, subject, entry.window, entry.pending, not entry.expiry_set, entry.reserved)
+                )
                 entry.pending = 0
         if len(self.queue) > len(entries):
             self.queue = [entry for entry in self.queue if entries.get(entry.subject) is entry]
@@ -278,7 +334,9 @@ class Ledger:
             count = entry.pending
             entry.pending = 0
             entry.inflight += count
-            batch.append(Sent(entry, entry.subject, entry.window, count, not entry.expiry_set))
+            batch.append(Sent(entry, entry.subject, entry.window, count, not entry.expiry_set, entry.reserved))
+            entry.reserving += entry.reserved
+            entry.reserved = 0
             entry.expiry_set = True
         self.queue.clear()
         self.urgent = False
@@ -297,6 +355,7 @@ class Ledger:
                     entry.previous = total  # what the window before came to (sliding windows)
                 continue
             entry.inflight -= sent.count
+            entry.reserving -= sent.reserved
             grown = total - entry.learned if entry.known else total
             if sent.count or grown > 0:
                 entry.own = entry.own * _SMOOTHING + sent.count
@@ -308,6 +367,16 @@ class Ledger:
             entry.learned = total
             if previous is not None:
                 entry.previous = previous[index]
+            if sent.reserved:
+                # Redis applied this worker's increments together: the reservations, last, took the
+                # counts total - reserved + 1 .. total; those within the limit are admitted.
+                fraction = elapsed_fraction(wall, self.length, entry.window)
+                before = used(entry.previous, total - sent.reserved, fraction, self.sliding)
+                fits = int(self.limit - before)
+                if fits > sent.reserved:
+                    fits = sent.reserved
+                if fits > 0:
+                    entry.prepaid += fits
             entry.known = True
             entry.fresh_until = wall + self.share_ttl
             entry.share = self._share(entry, wall)
@@ -318,6 +387,7 @@ class Ledger:
             entry = sent.entry
             if entry is not None and entry.window == sent.window:
                 entry.inflight -= sent.count
+                entry.reserving -= sent.reserved
                 entry.expiry_set = False
                 entry.fresh_until = 0.0
 

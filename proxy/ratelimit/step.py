@@ -8,7 +8,8 @@ date, a ledger's verdict) and spends only when all of them admit, so a request t
 or parks costs the others nothing, and re-running the step after a wait counts nothing twice. A
 local bucket without a token, or a global view at the limit, answers 429 with `Retry-After` and a
 JSON body naming the limit and its scope. A ledger that must learn its count first (a new subject, a
-stale or spent share) parks the exchange on the worker's `WaitList` for limits; the Redis sync wakes
+stale or spent share; in the tail of a window, its increment reserved) parks the exchange on the
+worker's `WaitList` for limits; the Redis sync wakes
 it after each round trip, and the step runs again. While the sync reports Redis unreachable
 (`SyncHealth.up` false), global limits are skipped (failure_mode "open": local limits only) or
 answered 503 at once ("closed"); a parked exchange is woken by the failure too. Every response of
@@ -140,6 +141,10 @@ class LimitStep:
                 if verdict == LEARN:
                     learn = True
         if learn:
+            for limit in self.limits:
+                ledger = limit.ledger
+                if ledger is not None and up:
+                    ledger.reserve()
             self.waiters.park(exchange, self.wait_timeout, self.wait_error)
             return WAIT
         for limit in self.limits:

@@ -63,10 +63,12 @@ def test_a_new_subject_learns_first_then_admits_its_share_and_asks_early_when_it
 def admit_all(book: Ledger, counter: Counter, count: int, wall: float) -> None:
     """Admit `count` requests at `wall`, syncing whenever the ledger must learn."""
     for _ in range(count):
-        verdict = book.peek(b"k", wall)
-        if verdict == LEARN:
-            sync(book, counter, wall)
+        for _ in range(3):  # learn, then (in the tail) reserve
             verdict = book.peek(b"k", wall)
+            if verdict != LEARN:
+                break
+            book.reserve()
+            sync(book, counter, wall)
         assert verdict == ADMIT
         book.commit()
 
@@ -74,14 +76,39 @@ def admit_all(book: Ledger, counter: Counter, count: int, wall: float) -> None:
 def test_the_view_includes_other_workers_increments_and_rejects_at_the_limit() -> None:
     book = ledger(limit=10, workers=1)
     counter = Counter()
-    counter.counts[(b"k", 10)] = 9  # other workers spent 9
+    counter.counts[(b"k", 10)] = 7  # other workers spent 7
     assert book.peek(b"k", 10.5) == LEARN
     sync(book, counter, 10.5)
-    assert book.peek(b"k", 10.5) == ADMIT
-    book.commit()
-    assert book.remaining() == 0
+    entry = book.entries[b"k"]
+    # Others' growth and none of its own: as many workers as it can think of (64), so 3 left is the tail.
+    assert entry.learned == 7 and entry.workers == 64.0 and entry.tail and entry.share == 0
+    admit_all(book, counter, 3, 10.55)  # each reserved first, then admitted
+    assert book.remaining() == 0 and counter.counts[(b"k", 10)] == 10
     assert book.peek(b"k", 10.6) == REJECT
     assert book.peek(b"k", 11.0) == ADMIT, "a new window starts known at zero"
+
+
+def test_in_the_tail_redis_decides_each_request_so_two_workers_never_overshoot() -> None:
+    counter = Counter()
+    counter.counts[(b"k", 10)] = 9
+    first, second = ledger(limit=10, workers=2), ledger(limit=10, workers=2)
+    for book in (first, second):
+        assert book.peek(b"k", 10.5) == LEARN
+        sync(book, counter, 10.5)
+        assert book.entries[b"k"].tail and book.entries[b"k"].share == 0
+    # Both have the last request in view: each reserves it (counted), Redis says which one fits.
+    assert first.peek(b"k", 10.5) == LEARN and second.peek(b"k", 10.5) == LEARN
+    assert first.entries[b"k"].reserved == 0, "nothing reserved until the request does wait"
+    first.reserve()
+    second.reserve()
+    assert first.peek(b"k", 10.5) == REJECT and first.entries[b"k"].reserved == 1, "its view holds the reservation"
+    sync(first, counter, 10.5)
+    sync(second, counter, 10.5)
+    assert first.peek(b"k", 10.5) == ADMIT
+    first.commit()
+    assert second.peek(b"k", 10.5) == REJECT, "its reservation came second: over the limit"
+    assert first.peek(b"k", 10.5) == REJECT and first.entries[b"k"].prepaid == 0
+    assert counter.counts[(b"k", 10)] == 11, "the refused reservation stays counted (never admitted)"
 
 
 def test_a_stale_share_learns_again_before_admitting() -> None:
@@ -129,7 +156,9 @@ def test_a_fixed_window_rejects_until_the_edge_and_a_sliding_one_frees_up_as_it_
     assert sliding.peek(b"k", 21.11) == LEARN
     sync(sliding, counters[1], 21.11)
     assert sliding.entries[b"k"].previous == 10
-    assert sliding.peek(b"k", 21.11) == ADMIT
+    assert sliding.entries[b"k"].tail, "1.1 left: the tail, Redis decides"
+    admit_all(sliding, counters[1], 1, 21.11)
+    assert sliding.peek(b"k", 21.11) == REJECT
 
 
 def test_a_failed_batch_is_dropped_not_resent_and_the_entry_learns_again() -> None:
