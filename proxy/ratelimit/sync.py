@@ -104,6 +104,7 @@ class RedisSync:
         self._unlogged = 0  # failures since the last log line
         self._next_log = 0.0
         self._answered = 0.0  # time.monotonic() of the last answer
+        self._closing: set[asyncio.Task[None]] = set()  # clients of failed round trips being closed
 
     def add(self, ledger: Ledger, route: str, limit: str) -> None:
         """Sync `ledger`, the counters of `limit` on `route`."""
@@ -216,7 +217,9 @@ class RedisSync:
         self.waiters.wake_all()
         client, self.client = self.client, None
         if client is not None:
-            self.loop.create_task(_close_quietly(client, self.config.timeout))
+            task = self.loop.create_task(_close_quietly(client, self.config.timeout))
+            self._closing.add(task)  # held until done (the loop keeps only a weak reference)
+            task.add_done_callback(self._closing.discard)
         now = time.monotonic()
         if was_up or now >= self._next_log:
             self._next_log = now + LOG_EVERY
@@ -237,9 +240,9 @@ class RedisSync:
             await _close_quietly(client, self.config.timeout)
 
     def _where(self) -> str:
+        """The URL's scheme and hosts, never its credentials."""
         parts = urlsplit(self.config.url)
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname or ''}{port}"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 async def _close_quietly(client: Any, timeout: float) -> None:
