@@ -4,24 +4,27 @@ Theory of operation. Per active subject an `Entry` holds, for the current window
 learned at the last sync reply (`learned`: every worker's synced increments, this one's included), this
 worker's increments sent and not yet answered (`inflight`) and those not yet sent (`pending`). Its view
 of the count is their sum (plus the weighted previous window when sliding), and it admits while the
-view is under the limit and its `share` lasts. The share is set at every reply: the remaining budget
-divided by the number of workers spending on the subject, estimated from the counts themselves (what
-the global count grew by between two replies over what this worker added: the workers' rates as
-seen from here; at least `min_workers`, the workers of this host). So between two syncs the workers
-together spend about the remaining budget and no more, whatever their number; when a share runs out
-the entry is queued and the ledger asks for an early sync (`on_urgent`), and requests wait for the
-reply. When less than one request is left per worker (the *tail*: the share comes out under 1), no
-share is given: one waiting request per round trip reserves its increment instead (counted as pending,
-sent at once); the reply says whether it fit under the limit (Redis applied this worker's increments
-together, the reservation last, so the total says where it fell): if so a request is admitted from
-`prepaid`, else the view is at the limit and they are refused. So the last requests of a window are
-decided by Redis itself, one per worker and round trip, and a subject's sequential requests get
-exactly the limit whatever the number of workers. A share is
-good for `share_ttl` seconds after its reply: an entry idle longer learns again
-before it admits (a subject never seen also learns first). At a window edge an entry rolls over:
-what it had not sent goes in the next batch under the old window's key, and the new window starts
-known at zero if the edge is less than `share_ttl` ago (every worker's share of a fresh window
-comes from the full limit), else it learns first.
+view is under the limit and its `share` lasts. The share is set at every reply: the remaining budget,
+less what the other workers added between two replies (which this view is likely missing again), over
+`SPREAD` x the workers spending on the subject, estimated from the counts themselves (how much the
+global count grew between two replies over what this worker added: the workers' rates as seen from
+here; at least `min_workers`, the workers of this host). So between two syncs the workers together
+spend at most about half the remaining budget, whatever their number; when a share runs out the entry
+is queued and the ledger asks for an early sync (`on_urgent`), and requests wait for the reply.
+
+When less than one request per worker is left (the *tail*: the share comes out under 1), no share is
+given: one waiting request per round trip reserves its increment instead (`reserve`: counted as
+pending, sent at once); Redis applies this worker's increments of a batch together, the reservation
+last, so the total it answers says whether the reservation fit under the limit: if so a request is
+admitted from `prepaid`, else the view is at the limit and the waiting requests are refused. The last
+requests of a window are decided by Redis itself, and a subject's sequential requests get exactly the
+limit whatever the number of workers.
+
+A share is good for `share_ttl` seconds after its reply: an entry idle longer learns again before it
+admits (a subject never seen also learns first). At a window edge an entry rolls over: what it had
+not sent goes in the next batch under the old window's key, and the new window starts known at zero
+if the edge is less than `share_ttl` ago (every worker's share of a fresh window comes from the full
+limit), else it learns first.
 
 `take_batch` hands the sync the increments to send (moving them from pending to in flight), `apply`
 takes the totals Redis answered, `failed` forgets a batch that got no answer (its increments are not
