@@ -4,6 +4,7 @@ response of a limited route."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -195,3 +196,38 @@ def test_100k_subjects_keep_a_worker_bounded_at_max_subjects(backend_stub: Servi
             assert len(table) <= bound
 
     run(main, timeout=120.0)
+
+
+def test_a_sliding_window_counts_the_previous_window_read_from_redis(
+    backend_stub: Service, redis_server: RedisServer
+) -> None:
+    fresh_window()
+    limit = 100
+    data = config(redis_server.url, slide={"global_limit": limit, "window": "1h", "algorithm": "sliding_window"})
+    prefix = data["redis"]["key_prefix"]
+    window = int(time.time() // WINDOW)
+    store = redis.Redis.from_url(redis_server.url)
+    store.set(f"{prefix}{{/echo|slide|127.0.0.1}}:{window - 1}", limit)  # the previous hour was used up
+
+    async def main() -> int:
+        async with Worker(data, backend_stub.address) as worker:
+            client = await worker.client()
+            admitted = 0
+            for _ in range(limit):
+                client.send(request("/echo"))
+                response = await client.response()
+                if response.status == 429:
+                    assert response.json()["scope"] == "global"
+                    break
+                admitted += 1
+            return admitted
+
+    try:
+        start = time.time()
+        admitted = run(main)
+        # What fits: limit - previous x (1 - elapsed fraction of this window); the fraction grows during the test.
+        low = limit - limit * (1 - (start % WINDOW) / WINDOW)
+        high = limit - limit * (1 - (time.time() % WINDOW) / WINDOW)
+        assert math.floor(low) <= admitted <= math.floor(high), (low, admitted, high)
+    finally:
+        store.close()
