@@ -16,7 +16,10 @@ goes false, the parked exchanges are woken (the steps then serve on local limits
 `MAX_BACKOFF`), a PING when there is nothing to send, until one succeeds: `up` again. With nothing to
 send while up, a PING every `PROBE_EVERY` seconds notices an outage that no increment would (a subject
 refused from its known count sends nothing). Failures are
-counted and logged at most once per `LOG_EVERY` seconds; the recovery is logged once. `boot` makes
+counted and logged at most once per `LOG_EVERY` seconds; the recovery is logged once. A command that
+Redis refuses within an answered round trip (a counter key holding something else than an integer)
+fails that key only: it is logged the same way, the key is deleted (keys under `key_prefix` are the
+proxy's) and its subject learns its count again. `boot` makes
 the first connection before the worker reports ready (a cold client pays imports and a handshake that
 would not fit a round trip's budget) and then starts the loop; a failure there is a failure like any.
 """
@@ -101,6 +104,8 @@ class RedisSync:
         self.task: asyncio.Task[None] | None = None
         self.round_trips = 0
         self.errors = 0  # failed round trips, all told
+        self.key_errors = 0  # commands Redis refused within answered round trips
+        self._next_key_log = 0.0
         self._unlogged = 0  # failures since the last log line
         self._next_log = 0.0
         self._answered = 0.0  # time.monotonic() of the last answer
@@ -167,23 +172,48 @@ class RedisSync:
         self._answered = time.monotonic()
         wall = time.time()
         position = 0
+        broken: list[bytes] = []
         for book, batch in zip(self.books, batches, strict=True):
             ledger = book.ledger
+            answered: list[Sent] = []
+            refused: list[Sent] = []
             totals: list[int] = []
             previous: list[int] | None = [] if ledger.sliding else None
             for sent in batch:
-                totals.append(int(replies[position]))
+                total = replies[position]
                 position += 2 if sent.expire else 1
+                value = replies[position] if previous is not None else None
+                position += 1 if previous is not None else 0
+                if isinstance(total, Exception) or isinstance(value, Exception):
+                    refused.append(sent)  # e.g. a key that holds no integer: that key only
+                    self._key_error(sent, total if isinstance(total, Exception) else value)
+                    broken.append(b"%s%s}:%d" % (book.base, sent.subject, sent.window))
+                    broken.append(b"%s%s}:%d" % (book.base, sent.subject, sent.window - 1))
+                    continue
+                answered.append(sent)
+                totals.append(int(total))
                 if previous is not None:
-                    value = replies[position]
                     previous.append(int(value) if value is not None else 0)
-                    position += 1
-            ledger.apply(batch, totals, previous, wall)
+            ledger.apply(answered, totals, previous, wall)
+            if refused:
+                ledger.failed(refused)
+        if broken:
+            await self._reset(broken)
         if not self.health.up:
             self.health.set(True)
             log.warning("Redis %s answers again: global limits enforced again", self._where())
         self.waiters.wake_all()
         return True
+
+    async def _reset(self, keys: list[bytes]) -> None:
+        """Delete counter keys that hold something else than a count (they are ours: under key_prefix), so
+        that their subjects are counted again from the next round trip; bounded by the timeout, failures
+        ignored (the next round trip tries again)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pipe.execute(raise_on_error=False), self.config.timeout)
 
     async def _send(self, batches: list[list[Sent]]) -> list[Any]:
         client = self.client
@@ -203,7 +233,24 @@ class RedisSync:
                     pipe.pexpire(key, book.ttl_ms)
                 if sliding:
                     pipe.get(b"%s%s}:%d" % (base, sent.subject, sent.window - 1))
-        return list(await pipe.execute())
+        # A command's own error (say, a key that holds no integer) comes back in its place; a connection
+        # error still raises.
+        return list(await pipe.execute(raise_on_error=False))
+
+    def _key_error(self, sent: Sent, error: object) -> None:
+        """Redis refused a key's command (the round trip itself worked): counted, logged like failures."""
+        self.key_errors += 1
+        now = time.monotonic()
+        if now >= self._next_key_log:
+            self._next_key_log = now + LOG_EVERY
+            log.error(
+                "Redis %s refused the counter of %r in window %d (%d such errors so far): %s",
+                self._where(),
+                sent.subject,
+                sent.window,
+                self.key_errors,
+                error,
+            )
 
     def _forget(self, batches: list[list[Sent]]) -> None:
         for book, batch in zip(self.books, batches, strict=True):

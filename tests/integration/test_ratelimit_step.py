@@ -231,3 +231,31 @@ def test_a_sliding_window_counts_the_previous_window_read_from_redis(
         assert math.floor(low) <= admitted <= math.floor(high), (low, admitted, high)
     finally:
         store.close()
+
+
+def test_a_counter_key_holding_no_integer_is_reset_and_the_subject_counted_again(
+    backend_stub: Service, redis_server: RedisServer
+) -> None:
+    fresh_window()
+    data = config(redis_server.url, per_key={"global_limit": 5, "window": "1h"})
+    key = f"{data['redis']['key_prefix']}{{/echo|per_key|127.0.0.1}}:{int(time.time() // WINDOW)}"
+    store = redis.Redis.from_url(redis_server.url)
+    store.set(key, "not a number")
+
+    async def main() -> None:
+        async with Worker(data, backend_stub.address) as worker:
+            client = await worker.client()
+            statuses = []
+            for _ in range(7):
+                client.send(request("/echo"))
+                statuses.append((await client.response()).status)
+            assert statuses == [200] * 5 + [429] * 2
+            assert worker.limits is not None and worker.limits.sync is not None
+            assert worker.limits.sync.key_errors == 1 and worker.limits.sync.errors == 0
+            await worker.limits.sync.round_trip()
+
+    try:
+        run(main)
+        assert store.get(key) == b"5"
+    finally:
+        store.close()
