@@ -192,7 +192,7 @@ def run_live(
     time.sleep(window - time.time() % window + 0.01)
     first = time.time()
     load_run = PacedLoad(
-        ports, load * limit / window, windows * window, connections=4 * instances, target="/api/resource"
+        ports, load * limit / window, windows * window, connections=8 * instances, target="/api/resource"
     )
     with load_run:
         outcomes = load_run.join()

@@ -127,8 +127,10 @@ def test_redis_killed_with_failure_mode_closed_answers_503_within_the_timeout_th
     assert unavailable, "503 while Redis is down"
     assert all(killed < o.wall for o in unavailable), [o.wall - killed for o in unavailable if o.wall <= killed]
     # Parked at the worst just before the failure shows: the round trip in flight and the next, each bounded.
+    # (plus what this machine's load alone adds: the slowest answer of the second before the kill)
+    noise = max([o.latency for o in outcomes if killed - 1.0 < o.wall < killed] + [0.05])
     worst = max(o.latency for o in unavailable)
-    assert worst <= 2 * timeout + 0.01 + 0.3, f"a 503 took {worst:.3f}s"
+    assert worst <= 2 * timeout + 0.01 + noise + 0.1, f"a 503 took {worst:.3f}s (before the kill: {noise:.3f}s)"
     down = [o for o in outcomes if killed + 2 * timeout + 0.3 < o.wall < restarted]
     assert down and all(o.status == 503 for o in down), [(o.wall - killed, o.status) for o in down if o.status != 503]
     # Recovery: back to 200 within the reconnect backoff (1 s at most) of the restart.
@@ -215,8 +217,10 @@ def test_redis_stopped_for_3s_under_load_delays_no_request_beyond_the_timeout(
     during = [o for o in outcomes if paused < o.wall < resumed]
     assert len(during) > 300, "the load went on while Redis was stopped"
     # A request parked for a sync waits for the round trip in flight and at most one more, each bounded.
+    # (plus what this machine's load alone adds: the slowest answer of the second before the pause)
+    noise = max([o.latency for o in outcomes if paused - 1.0 < o.wall < paused] + [0.05])
     worst = max(o.latency for o in during)
-    assert worst <= 2 * timeout + 0.01 + 0.3, f"a request took {worst:.3f}s while Redis was stopped"
+    assert worst <= 2 * timeout + 0.01 + noise + 0.1, f"a request took {worst:.3f}s while Redis was stopped"
     wait_until(lambda: "answers again" in proxy.read_log(), 5.0, "the sync recovered after SIGCONT", proxy)
 
 
