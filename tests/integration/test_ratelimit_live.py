@@ -5,6 +5,7 @@ without a proxy restart)."""
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ import redis
 from bench.accuracy import OVER, SLACK, UNDER, PacedLoad, run_live
 from devstack import ProxyFactory, RawHTTPConnection, RedisServer, Service, Stack
 from tests.integration.redisproc import RedisClusterProcesses, RedisProcess, SentinelProcess
-from tests.supervisor.helpers import wait_until
+from tests.supervisor.helpers import wait_for_log, wait_until
 
 WINDOW = 3600.0
 
@@ -240,3 +241,20 @@ def test_a_sentinel_url_finds_the_master_and_the_limit_holds_there(
         wait_until(lambda: int(store.get(key) or 0) >= limit, 5.0, "the count synced to the master", proxy)
     finally:
         store.close()
+
+
+def test_counts_hold_across_a_reload(
+    proxy_factory: ProxyFactory, backend_stub: Service, redis_server: RedisServer
+) -> None:
+    """SIGHUP: the new generation's workers learn the counts the old ones synced (and flushed as they drained)."""
+    fresh_window()
+    workers, limit = 2, 20
+    proxy = proxy_factory(limited(redis_server.url, limit), workers=workers)
+    assert [get(proxy.port)[0] for _ in range(12)] == [200] * 12
+    old = set(proxy.children())
+    proxy.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, r"generation 2 serving; draining 2 old workers")
+    wait_until(lambda: not set(proxy.children()) & old, 15.0, "the old generation gone", proxy)
+    after = [get(proxy.port)[0] for _ in range(12)]
+    admitted = 12 + after.count(200)
+    assert limit <= admitted <= limit + workers - 1, after
