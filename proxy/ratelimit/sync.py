@@ -152,7 +152,13 @@ class RedisSync:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.event.wait(), interval)
             self.event.clear()
-            backoff = 0.0 if await self.round_trip() else min(MAX_BACKOFF, max(interval, backoff * 2))
+            try:
+                answered = await self.round_trip()
+            except Exception as exc:  # a bug past the client: never let it end the sync of the worker
+                log.exception("rate-limit sync: unexpected error")
+                self._failed(exc)
+                answered = False
+            backoff = 0.0 if answered else min(MAX_BACKOFF, max(interval, backoff * 2))
 
     async def round_trip(self) -> bool:
         """One sync: True when Redis answered (or there was nothing to send while healthy)."""
