@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from bench.baseline import (
 )
 from bench.cpu import CpuTimes, tree_cpu_times
 from bench.jwt import JWT_HOST, check_jwt_route, mint_tokens, with_jwt_route
+from bench.limits import LIMITS, LIMITS_HOST, check_limit_route, redis_commands, with_limit_route
 from bench.nginx import (
     NGINX_MISSING,
     NGINX_MISSING_BACKEND,
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(REQUEST_SCRIPTS),
         default="plain",
         help="plain: wrk's bare GET; realistic: an API client's ~600-byte head; body: POST 16 KiB of JSON; "
-        "jwt: GET with 1,000 distinct RS256 tokens, adds the `jwt` scenario (default plain)",
+        "jwt: GET with 1,000 distinct RS256 tokens, adds the `jwt` scenario; limits: plain GET, adds the "
+        "`limits` scenario (a route with a local and a global limit, never refusing; Redis started) (default plain)",
     )
     parser.add_argument("--duration", default="10s", help="wrk -d per measured run (default 10s)")
     parser.add_argument("--warmup", default="2s", help="wrk -d of the warm-up before each run (default 2s)")
@@ -115,14 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_scenarios(
-    choice: str, nginx: str | None, baseline: bool = False, jwt: bool = False
+    choice: str, nginx: str | None, baseline: bool = False, jwt: bool = False, limits: bool = False
 ) -> tuple[tuple[str, ...], str | None]:
-    """The scenarios to run for `--scenario choice` (plus `baseline`, and `jwt` after `proxy` with
-    `--request jwt`), and a note when nginx has to be left out."""
+    """The scenarios to run for `--scenario choice` (plus `baseline`, and `jwt` or `limits` after `proxy`
+    with `--request jwt` or `--request limits`), and a note when nginx has to be left out."""
     wanted: tuple[str, ...] = SCENARIOS if choice == "all" else (choice,)
-    if jwt and "proxy" in wanted:
-        index = wanted.index("proxy") + 1
-        wanted = (*wanted[:index], JWT, *wanted[index:])
+    for extra, asked in ((JWT, jwt), (LIMITS, limits)):
+        if asked and "proxy" in wanted:
+            index = wanted.index("proxy") + 1
+            wanted = (*wanted[:index], extra, *wanted[index:])
     if baseline:
         wanted = (*wanted, "baseline")
     if "nginx" in wanted and nginx is None:
@@ -231,10 +235,13 @@ def _start_servers(
         config = load_config_source(args.config)
         if args.request == "jwt":
             config = with_jwt_route(config)
+        if args.request == "limits":
+            config = with_limit_route(config)
         proxy = stack.start_proxy(
             config,
             workers=args.proxy_workers,
             upstream_servers=[backend.address],
+            redis_url=stack.redis.url if args.request == "limits" and stack.redis is not None else None,
             cpus=cpus,
             env=env,
             name=name,
@@ -294,7 +301,11 @@ def _measure(
 def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_kind: str) -> int:
     """Build the baseline if asked, start the stack, run the scenarios, print the table, write the JSON."""
     scenarios, note = plan_scenarios(
-        args.scenario, nginx_binary, baseline=args.baseline is not None, jwt=args.request == "jwt"
+        args.scenario,
+        nginx_binary,
+        baseline=args.baseline is not None,
+        jwt=args.request == "jwt",
+        limits=args.request == "limits",
     )
     if note is not None:
         print(note, flush=True)
@@ -332,6 +343,9 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
             cleanup.callback(auth.stop)
             tokens = mint_tokens(auth.url, stack.run_dir / "tokens.txt")
             print(f"auth_stub    {auth.url}: {tokens} (1,000 RS256 tokens)", flush=True)
+        if args.request == "limits":
+            redis = stack.start_redis()  # before the proxies: their redis.url points at it
+            print(f"redis        {redis.url}", flush=True)
         backend_info["version"] = nginx_info["version"] if backend_kind == "nginx" else None
         servers = _start_servers(
             args, scenarios, stack, cleanup, backend=backend, nginx=nginx_binary, baseline=baseline, cpus=proxy_cpus
@@ -346,8 +360,13 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
             proxy = servers["proxy"]
             targets[JWT] = Target(proxy.url + PATH, proxy, (str(tokens), JWT_HOST))
             check_jwt_route(proxy.host, proxy.port, PATH, tokens.read_text().split()[0])
+        if LIMITS in scenarios:
+            proxy = servers["proxy"]
+            targets[LIMITS] = Target(proxy.url + PATH, proxy, (LIMITS_HOST,))
+            check_limit_route(proxy.host, proxy.port, PATH)
         for scenario in scenarios:
             _check(targets[scenario].url)
+        commands_per_1000: list[float] = []  # Redis commands per 1,000 requests of each `limits` run
 
         what = f"nginx, {nginx_info['version']}" if backend_kind == "nginx" else "backend_stub"
         print(f"backend      {backend.url} ({what}; pid {backend.pid}, workers {backend.children()})", flush=True)
@@ -371,8 +390,13 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
                 _wrk(args, wrk, target, args.warmup, load_cpus)
                 if scenario in rss and "start" not in rss[scenario]:
                     rss[scenario]["start"] = _workers_rss(servers[scenario])
+                store = stack.redis if scenario == LIMITS else None
+                before = redis_commands(store.host, store.port) if store is not None else 0
                 record = _measure(args, wrk, scenario, index, target, backend, load_cpus)
                 records.append(record)
+                if store is not None and record.result.requests:
+                    commands = redis_commands(store.host, store.port) - before - 1  # not the first INFO
+                    commands_per_1000.append(1000 * commands / record.result.requests)
                 result, cpu, label = record.result, record.proxy_cpu_us_per_req, labels.get(scenario, scenario)
                 print(
                     f"  run {index + 1}/{args.runs} {label:<{width}} {result.rps:>10,.0f} req/s  "
@@ -389,12 +413,25 @@ def run(args: argparse.Namespace, wrk: str, nginx_binary: str | None, backend_ki
     summaries = summarize(records)
     ratio_values = ratios(summaries)
     ratio_values["jwt_minus_proxy_cpu_per_req_paired"] = paired_difference(records, JWT, "proxy")
+    ratio_values["limits_minus_proxy_cpu_per_req_paired"] = paired_difference(records, LIMITS, "proxy")
+    ratio_values["redis_commands_per_1000_requests"] = (
+        statistics.median(commands_per_1000) if commands_per_1000 else None
+    )
     print()
     print(format_table(summaries, labels))
     footer = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
     paired = ratio_values["jwt_minus_proxy_cpu_per_req_paired"]
     if paired is not None:
         footer.append(f"auth (jwt - proxy) CPU µs/req, paired by round: median {paired:+.2f}")
+    limits_paired = ratio_values["limits_minus_proxy_cpu_per_req_paired"]
+    if limits_paired is not None:
+        footer.append(f"rate limits (limits - proxy) CPU µs/req, paired by round: median {limits_paired:+.2f}")
+    if commands_per_1000:
+        runs = ", ".join(f"{value:.1f}" for value in commands_per_1000)
+        footer.append(
+            f"Redis commands per 1,000 requests (limits): median "
+            f"{statistics.median(commands_per_1000):.1f} (runs: {runs})"
+        )
     if footer:
         print()
         print("\n".join(footer))

@@ -34,7 +34,15 @@ BODY_LUA = REPORT_LUA.with_name("body.lua")
 """POST with a 16 KiB JSON body, then report.lua's report line."""
 JWT_LUA = REPORT_LUA.with_name("jwt.lua")
 """GET with a bearer token, cycling through a token file (script arguments: the file, then a Host value)."""
-REQUEST_SCRIPTS = {"plain": REPORT_LUA, "realistic": REALISTIC_LUA, "body": BODY_LUA, "jwt": JWT_LUA}
+HOST_LUA = REPORT_LUA.with_name("host.lua")
+"""wrk's plain GET with the Host value of the script argument (the bench's rate-limited route), if any."""
+REQUEST_SCRIPTS = {
+    "plain": REPORT_LUA,
+    "realistic": REALISTIC_LUA,
+    "body": BODY_LUA,
+    "jwt": JWT_LUA,
+    "limits": HOST_LUA,
+}
 """`--request` choice -> the wrk script."""
 _MARKER = "WRK_JSON "
 _DURATION = re.compile(r"^(\d+)(s|m|h)?$")

@@ -108,6 +108,11 @@ def _summary(stack: Stack, token: str | None, token_error: str | None) -> str:
             lines.append(f'  curl -H "Authorization: Bearer {token}" {target}')
             lines.append("and without the token (401, WWW-Authenticate: Bearer):")
             lines.append(f"  curl -i {target}")
+            lines.append("and past the route's limit (10 requests per 10 s per api_key: 429 with Retry-After):")
+            lines.append(
+                f'  for i in $(seq 12); do curl -s -o /dev/null -w "%{{http_code}}\\n" '
+                f'-H "Authorization: Bearer {token}" {target}; done'
+            )
         else:
             lines.append(f"(no token: {token_error})")
             lines.append(f"  curl {target}")

@@ -94,6 +94,7 @@ class RouteConfig:
     auth: str = "none"  # "none", "jwt" ([auth.jwt]) or "introspect" ([auth.introspect])
     name: str = ""  # for logs and metrics; default: host + prefix
     required_scope: tuple[str, ...] = ()  # every one of these scopes, or 403 (auth routes only)
+    limits: tuple[str, ...] = ()  # names of [limits.NAME] tables, checked in this order
 
 
 # Signature algorithms the JWT verifier accepts in `auth.jwt.algorithms` (pyjwt[crypto] implements them).
@@ -161,9 +162,35 @@ class AuthConfig:
         return frozenset(header.encode() for _, header in pairs)
 
 
+FAIL_OPEN = "open"  # Redis unreachable or slower than its timeout: serve on local limits only
+FAIL_CLOSED = "closed"  # ... answer 503 on routes with a global limit
+FIXED_WINDOW = "fixed_window"
+SLIDING_WINDOW = "sliding_window"  # two-window weighted estimate
+
+
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str = ""
+    """`[redis]`: the counters of global limits, synced by every worker in batches."""
+
+    url: str = ""  # redis://, rediss://, unix:// or redis+sentinel://host:port[,host:port]/service[/db]
+    cluster: bool = False  # a Redis Cluster reached through the node of `url`
+    failure_mode: str = FAIL_OPEN
+    sync_interval: float = 0.01  # pending increments are sent at least this often (and early when a key runs low)
+    timeout: float = 0.05  # budget of one sync round trip (connecting included)
+    key_prefix: str = "uvgate:rl:"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """`[limits.NAME]`: a local token bucket per worker and/or a global limit per subject, per route."""
+
+    name: str
+    local_rate: float = 0.0  # tokens a second, per worker, per (route, subject); 0: no local bucket
+    local_burst: int = 0  # bucket size (default: the rate, at least 1)
+    global_limit: int = 0  # requests per window per (route, subject) across every worker and host; 0: none
+    window: float = 1.0
+    algorithm: str = FIXED_WINDOW
+    max_subjects: int = 100_000  # subjects tracked per worker and route (least recent evicted beyond)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +209,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: Mapping[str, LimitConfig] = field(default_factory=dict)
     source: str = ""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -500,6 +528,7 @@ def _route(
     table: object,
     upstreams: Mapping[str, Any],
     auth_config: AuthConfig,
+    limits: Mapping[str, object],
 ) -> RouteConfig | None:
     prefix = f"routes[{index}]."
     if not isinstance(table, Mapping):
@@ -513,7 +542,12 @@ def _route(
     name = reader.get("name", _route_name, "")
     no_scopes: tuple[str, ...] = ()
     scopes = reader.get("required_scope", _scopes, no_scopes)
+    limit_names = reader.get("limits", _limit_list, no_scopes)
     reader.finish()
+    for limit_name in limit_names:
+        if limit_name not in limits:
+            known = ", ".join(sorted(limits)) or "none defined"
+            problems.append((f"{prefix}limits", limit_name, f"no such [limits.{limit_name}] table (known: {known})"))
     if upstream and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none defined"
         problems.append((f"{prefix}upstream", upstream, f"no such upstream (known: {known})"))
@@ -530,7 +564,16 @@ def _route(
         auth=auth,
         name=name or (host or "") + path,
         required_scope=scopes,
+        limits=limit_names,
     )
+
+
+def _limit_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError('expected a list of limit names, e.g. ["per_key"]')
+    if len(set(value)) != len(value):
+        raise ValueError("names a limit twice")
+    return tuple(value)
 
 
 def _scopes(value: object) -> tuple[str, ...]:
@@ -792,16 +835,110 @@ def _metrics(problems: list[tuple[str, object, str]], table: object) -> MetricsC
     return metrics
 
 
+def _failure_mode(value: object) -> str:
+    text = _string(value)
+    if text not in (FAIL_OPEN, FAIL_CLOSED):
+        raise ValueError(f'expected "{FAIL_OPEN}" or "{FAIL_CLOSED}"')
+    return text
+
+
+def _key_prefix(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:\-]{0,64}", text):
+        raise ValueError("0 to 64 letters, digits, '_', '.', ':', '-'")
+    return text
+
+
+_REDIS_PARSERS: dict[str, Callable[[object], Any]] = {
+    "cluster": _bool,
+    "failure_mode": _failure_mode,
+    "sync_interval": _positive_duration,
+    "timeout": _positive_duration,
+    "key_prefix": _key_prefix,
+}
+
+
 def _redis(problems: list[tuple[str, object, str]], table: object) -> RedisConfig:
     if not isinstance(table, Mapping):
         problems.append(("redis", table, "expected a table"))
         return RedisConfig()
     reader = _Reader(problems, "redis.", table)
     url = reader.get("url", _string, "")
+    values = _read_section(problems, "redis.", table, _REDIS_PARSERS, RedisConfig())
+    reader.seen.update(_REDIS_PARSERS)
     reader.finish()
+    config = RedisConfig(url=url, **values)
     if url and not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         problems.append(("redis.url", url, "expected a redis://, rediss://, unix:// or redis+sentinel:// URL"))
-    return RedisConfig(url=url)
+    elif url.startswith("redis+sentinel://") and config.cluster:
+        problems.append(("redis.cluster", True, "a Sentinel URL names one master, not a cluster"))
+    elif url.startswith("redis+sentinel://") and not re.fullmatch(r"redis\+sentinel://[^/]+/[^/]+(/\d+)?", url):
+        problems.append(("redis.url", url, "expected redis+sentinel://host:port[,host:port]/service[/db]"))
+    if config.sync_interval < 0.001 or config.sync_interval > 10.0:
+        problems.append(("redis.sync_interval", config.sync_interval, "must be from 1ms to 10s"))
+    return config
+
+
+_LIMIT_PARSERS: dict[str, Callable[[object], Any]] = {
+    "global_limit": _positive_int,
+    "window": _positive_duration,
+    "algorithm": lambda v: _choice(v, (FIXED_WINDOW, SLIDING_WINDOW)),
+    "max_subjects": _positive_int,
+}
+
+
+def _choice(value: object, choices: tuple[str, ...]) -> str:
+    text = _string(value)
+    if text not in choices:
+        raise ValueError("expected " + " or ".join(f'"{choice}"' for choice in choices))
+    return text
+
+
+def _rate(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of tokens per second")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number")
+    return float(value)
+
+
+def _limit(problems: list[tuple[str, object, str]], name: str, table: object, redis: RedisConfig) -> LimitConfig | None:
+    prefix = f"limits.{name}."
+    if not isinstance(table, Mapping):
+        problems.append((f"limits.{name}", table, "expected a table"))
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        problems.append((f"limits.{name}", name, "limit names use 1 to 64 letters, digits, '_', '.', '-'"))
+    reader = _Reader(problems, prefix, table)
+    rate = reader.get("local_rate", _rate, 0.0)
+    burst = reader.get("local_burst", _positive_int, 0)
+    values = _read_section(problems, prefix, table, _LIMIT_PARSERS, LimitConfig(name=name))
+    reader.seen.update(_LIMIT_PARSERS)
+    reader.finish()
+    if burst and not rate:
+        problems.append((prefix + "local_burst", burst, "needs local_rate"))
+    elif rate and not burst:
+        burst = max(1, math.ceil(rate))
+    config = LimitConfig(name=name, local_rate=rate, local_burst=burst, **values)
+    if not rate and not config.global_limit:
+        problems.append((f"limits.{name}", dict(table), "needs local_rate or global_limit (or both)"))
+    if config.global_limit and not redis.url:
+        problems.append((prefix + "global_limit", config.global_limit, "needs a [redis] table with a url"))
+    if config.global_limit and config.window <= 2 * redis.sync_interval:
+        problems.append((prefix + "window", config.window, "must be longer than twice redis.sync_interval"))
+    return config
+
+
+def _limits(problems: list[tuple[str, object, str]], table: object, redis: RedisConfig) -> dict[str, LimitConfig]:
+    if not isinstance(table, Mapping):
+        problems.append(("limits", table, "expected tables [limits.NAME]"))
+        return {}
+    out: dict[str, LimitConfig] = {}
+    for name, section in table.items():
+        limit = _limit(problems, name, section, redis)
+        if limit is not None:
+            out[name] = limit
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -811,10 +948,12 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     problems: list[tuple[str, object, str]] = []
     for key in data:
-        if key not in ("server", "upstreams", "routes", "redis", "auth", "metrics"):
+        if key not in ("server", "upstreams", "routes", "redis", "auth", "limits", "metrics"):
             problems.append((key, data[key], "unknown section"))
     server = _server(problems, data.get("server", {}))
     auth = _auth_section(problems, data.get("auth", {}), server)
+    redis = _redis(problems, data.get("redis", {}))
+    limits = _limits(problems, data.get("limits", {}), redis)
     upstreams: dict[str, UpstreamConfig] = {}
     raw_upstreams = data.get("upstreams", {})
     if not isinstance(raw_upstreams, Mapping):
@@ -834,7 +973,8 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     seen: dict[tuple[str | None, str], int] = {}
     names: dict[str, int] = {}
     for index, table in enumerate(raw_routes):
-        route = _route(problems, index, table, raw_upstreams if isinstance(raw_upstreams, Mapping) else {}, auth)
+        upstream_tables = raw_upstreams if isinstance(raw_upstreams, Mapping) else {}
+        route = _route(problems, index, table, upstream_tables, auth, limits)
         if route is None:
             continue
         route_key = (route.host, route.prefix)
@@ -845,12 +985,18 @@ def build(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         seen[route_key] = index
         names[route.name] = index
         routes.append(route)
-    redis = _redis(problems, data.get("redis", {}))
     metrics = _metrics(problems, data.get("metrics", {}))
     if problems:
         raise ConfigError(problems)
     return Config(
-        server=server, upstreams=upstreams, routes=tuple(routes), redis=redis, auth=auth, source=source, metrics=metrics
+        server=server,
+        upstreams=upstreams,
+        routes=tuple(routes),
+        redis=redis,
+        auth=auth,
+        limits=limits,
+        source=source,
+        metrics=metrics,
     )
 
 

@@ -95,6 +95,13 @@ class HeadersTooLarge(ProxyError):
     close = True
 
 
+class TooManyRequests(ProxyError):
+    """A rate limit of the route is spent (RFC 6585 4): `Retry-After` says when to come back."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class NotImplementedByProxy(ProxyError):
     status = 501
     code = "not_implemented"

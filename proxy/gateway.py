@@ -1,4 +1,4 @@
-"""The request pipeline: route -> steps (auth, limits) -> request body buffering -> upstream. The only composer.
+"""The request pipeline: route -> steps (auth, then limits) -> request body buffering -> upstream. The only composer.
 
 Theory of operation: `handle` runs an exchange whose turn has come. The router picks its route; the
 route's steps run in order, each deciding synchronously in the common case: pass (`None`, maybe after
@@ -44,14 +44,17 @@ def no_steps(route: RouteConfig) -> Sequence[Step]:
     return ()
 
 
-def auth_steps(authorities: Mapping[str, Authority], realm: str) -> StepFactory:
+def auth_steps(authorities: Mapping[str, Authority], realm: str, limits: StepFactory = no_steps) -> StepFactory:
     """The steps of each route from its config: its `auth` (the worker's authority of that kind, with
-    the route's required scopes) first; rate limits come next."""
+    the route's required scopes) first, so that rate limits, next (`limits`: the worker's limit steps
+    of a route), count the verified subject."""
 
     def build(route: RouteConfig) -> Sequence[Step]:
-        if route.auth == "none":
-            return ()
-        return (AuthStep(authorities[route.auth], route.required_scope, realm),)
+        steps: list[Step] = []
+        if route.auth != "none":
+            steps.append(AuthStep(authorities[route.auth], route.required_scope, realm))
+        steps.extend(limits(route))
+        return steps
 
     return build
 

@@ -4,8 +4,9 @@ Theory of operation: one `tick` timer per worker replaces per-request timers. Ea
 `now` (the clock every deadline in the worker is measured against), asks every downstream connection
 to enforce its deadlines, polls the sockets of connections whose reading the proxy holds paused (so a
 client that closes or resets them is noticed without reading), then calls the tick subscribers in
-order (upstream pools' idle sweep, the access log flush, the heartbeat; Redis sync and metrics join
-them). The tick interval is a quarter of the smallest configured timeout; stamps and deadlines come
+order (upstream pools' idle sweep, the access log flush, the heartbeat, the auth and rate-limit
+sweeps; metrics will join them; the Redis sync of rate limits is a task of its own). The tick
+interval is a quarter of the smallest configured timeout; stamps and deadlines come
 from the coarse clock, so a deadline fires never early and at most two intervals late (one for the
 stamp's age, one for the tick's period). `finished` hooks are called once per exchange when it ends
 (exchange.py). `drain` flips `draining` and asks every connection to `shutdown` (finish what is in
@@ -117,6 +118,7 @@ class WorkerState:
             + [u.response_timeout for u in config.upstreams.values()]
             + [u.pending_timeout or 1.0 for u in config.upstreams.values()]
             + _auth_timeouts(config)
+            + ([config.redis.timeout] if any(limit.global_limit for limit in config.limits.values()) else [])
         )
         self.tick_interval = min(1.0, max(0.02, smallest / 4))
 

@@ -34,6 +34,7 @@ from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.metrics import RequestCounts
 from proxy.metricsio import WorkerMetrics
+from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
@@ -92,11 +93,14 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     connector = make_connector(state)
     clusters = {name: Cluster(upstream, connector) for name, upstream in config.upstreams.items()}
     auth = AuthServices(config, state)
-    state.gateway = Gateway(config, state, clusters, auth_steps(auth.authorities, auth.realm))
+    limits = LimitServices(config, state)
+    state.gateway = Gateway(config, state, clusters, auth_steps(auth.authorities, auth.realm, limits.steps))
     for cluster in clusters.values():
         state.tick_subscribers.append(cluster.sweep)
     state.tick_subscribers.append(auth.tick)
+    state.tick_subscribers.append(limits.tick)
     await auth.boot()  # the JWKS before ready (auth.jwt.jwks_boot says what a failure does)
+    await limits.boot()  # the first Redis connection before ready (a failure: served per redis.failure_mode)
     access_log: AccessLog | None = None
     if config.server.access_log:
         access_log = AccessLog.open(config.server.access_log_path, slot)
@@ -133,6 +137,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
     for cluster in clusters.values():
         cluster.close_idle()
     auth.close()
+    await limits.close()
     state.stop()
     if access_log is not None:
         access_log.close()

@@ -19,6 +19,7 @@ from proxy.config import build
 from proxy.exchange import Exchange
 from proxy.gateway import Gateway, StepFactory, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
@@ -40,19 +41,29 @@ def run(test: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
 class Worker:
     """One worker's request path serving on 127.0.0.1 (a free port), with the given steps and hooks; without
     `steps`, the routes' steps from the config, as the worker builds them (`auth`: the auth services, booted
-    on entry like a worker's)."""
+    on entry like a worker's; `limits`: the rate-limit services, their Redis sync started), which `around` may
+    wrap with test-only steps."""
 
-    def __init__(self, config: dict[str, Any], backend: str, steps: StepFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        backend: str,
+        steps: StepFactory | None = None,
+        *,
+        around: Callable[[StepFactory], StepFactory] | None = None,
+    ) -> None:
         data = copy.deepcopy(config)
         data.setdefault("server", {})["listen"] = "127.0.0.1:0"
         for upstream in data["upstreams"].values():
             upstream.setdefault("servers", [backend])
         self.config = build(data)
         self.steps = steps
+        self.around = around  # wraps the config's steps (test-only steps before or after them)
         self.finished: list[Exchange] = []
         self.port = 0
         self.state: WorkerState | None = None
         self.auth: AuthServices | None = None
+        self.limits: LimitServices | None = None
         self.clusters: dict[str, Cluster] = {}
         self._server: asyncio.AbstractServer | None = None
         self._clients: list[Client] = []
@@ -65,9 +76,14 @@ class Worker:
         steps = self.steps
         if steps is None:
             auth = self.auth = AuthServices(self.config, state)
-            steps = auth_steps(auth.authorities, auth.realm)
+            limits = self.limits = LimitServices(self.config, state)
+            steps = auth_steps(auth.authorities, auth.realm, limits.steps)
+            if self.around is not None:
+                steps = self.around(steps)
             state.tick_subscribers.append(auth.tick)
+            state.tick_subscribers.append(limits.tick)
             await auth.boot()
+            await limits.boot()
         state.gateway = Gateway(self.config, state, self.clusters, steps)
         state.finished.append(self.finished.append)
         for cluster in self.clusters.values():
@@ -94,6 +110,8 @@ class Worker:
             cluster.close_idle()
         if self.auth is not None:
             self.auth.close()
+        if self.limits is not None:
+            await self.limits.close()
         self.state.stop()
 
     async def wait_finished(self, count: int, timeout: float = IO_TIMEOUT) -> list[Exchange]:

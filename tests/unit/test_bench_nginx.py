@@ -200,6 +200,12 @@ def test_plan_scenarios_with_baseline() -> None:
     assert bench_main.plan_scenarios("proxy", None, baseline=True) == (("proxy", "baseline"), None)
 
 
+def test_plan_scenarios_with_a_request_that_adds_a_scenario_after_the_proxy() -> None:
+    assert bench_main.plan_scenarios("all", None, jwt=True) == (("direct", "proxy", "jwt"), NGINX_MISSING)
+    assert bench_main.plan_scenarios("proxy", None, limits=True) == (("proxy", "limits"), None)
+    assert bench_main.plan_scenarios("direct", None, limits=True) == (("direct",), None)
+
+
 def test_round_order_alternates() -> None:
     scenarios = ("direct", "nginx", "proxy", "baseline")
     assert bench_main.round_order(scenarios, 0) == scenarios
@@ -233,6 +239,7 @@ def test_request_scripts() -> None:
         "realistic": REALISTIC_LUA,
         "body": BODY_LUA,
         "jwt": REPORT_LUA.with_name("jwt.lua"),
+        "limits": REPORT_LUA.with_name("host.lua"),
     } == bench_main.REQUEST_SCRIPTS
 
 
