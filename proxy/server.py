@@ -5,7 +5,7 @@ Theory of operation: one `tick` timer per worker replaces per-request timers. Ea
 to enforce its deadlines, polls the sockets of connections whose reading the proxy holds paused (so a
 client that closes or resets them is noticed without reading), then calls the tick subscribers in
 order (upstream pools' idle sweep, the access log flush, the heartbeat, the auth and rate-limit
-sweeps; metrics will join them; the Redis sync of rate limits is a task of its own). The tick
+sweeps, the metrics fold; the Redis sync of rate limits is a task of its own). The tick
 interval is a quarter of the smallest configured timeout; stamps and deadlines come
 from the coarse clock, so a deadline fires never early and at most two intervals late (one for the
 stamp's age, one for the tick's period). `finished` hooks are called once per exchange when it ends
