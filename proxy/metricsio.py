@@ -9,10 +9,10 @@ environment: nothing here uses prometheus-client's metric classes (which choose 
 what `MultiProcessCollector(path=...)` reads.
 
 A worker counts in plain Python (`proxy.metrics.RequestCounts`, the finished hook; counters kept by
-the pools and the token caches); `WorkerMetrics.tick` (a tick subscriber) writes every
-`metrics.interval` the absolute value of each of its counters and histogram buckets into its own
-files, plus the live gauges (open client connections, upstream connections, ejected servers). A
-worker that stops writes once more at exit.
+the pools, the token caches, the rate-limit steps and the Redis sync); `WorkerMetrics.tick` (a tick
+subscriber) writes every `metrics.interval` the absolute value of each of its counters and histogram
+buckets into its own files, plus the live gauges (open client connections, upstream connections,
+ejected servers). A worker that stops writes once more at exit.
 
 When a worker is reaped the supervisor calls `MetricsDirectory.process_dead(pid)`: its live gauges
 are removed (`mark_process_dead`), and its counter and histogram files are added into the
@@ -48,6 +48,7 @@ from proxy.metrics import BUCKETS, METHODS, Histogram, RequestCounts
 if TYPE_CHECKING:
     from proxy.auth.step import TokenCache
     from proxy.config import MetricsConfig
+    from proxy.ratelimit.services import LimitServices
     from proxy.server import WorkerState
     from proxy.upstream.pool import Cluster
 
@@ -67,6 +68,19 @@ HELP: dict[str, str] = {
     "uvgate_auth_failures": "Requests refused by an auth step, by error code.",
     "uvgate_jwt_cache": "JWT verdict cache lookups by the auth steps (hit, miss).",
     "uvgate_introspection_cache": "Introspection verdict cache lookups by the auth steps (hit, miss).",
+    "uvgate_ratelimit_rejections": (
+        "Requests answered 429 by a rate limit, by route, limit and kind "
+        "(local: the worker's token bucket; global: the count shared through Redis)."
+    ),
+    "uvgate_redis_sync_seconds": "Duration of the rate-limit sync round trips to Redis, answered or failed.",
+    "uvgate_redis_errors": (
+        "Rate-limit sync round trips that failed (refused, reset, slower than redis.timeout) "
+        "and commands Redis refused within answered ones."
+    ),
+    "uvgate_redis_fail_open": (
+        "Requests admitted on local limits only: a global limit was skipped because Redis was down "
+        '(failure_mode "open").'
+    ),
 }
 
 
@@ -119,12 +133,14 @@ class WorkerMetrics:
         clusters: Mapping[str, Cluster],
         caches: Mapping[str, TokenCache],
         pid: int,
+        limits: LimitServices | None = None,
     ) -> None:
         self.interval = config.interval
         self.counts = counts
         self.state = state
         self.clusters = clusters
         self.caches = caches
+        self.limits = limits
         self.files = ProcessFiles(config.directory, pid)
         self._next = 0.0
 
@@ -149,11 +165,33 @@ class WorkerMetrics:
             metric = "uvgate_jwt_cache" if kind == "jwt" else "uvgate_introspection_cache"
             files.write("counter", metric, metric + "_total", ("result",), ("hit",), cache.hits)
             files.write("counter", metric, metric + "_total", ("result",), ("miss",), cache.misses)
+        if self.limits is not None:
+            self._limits(self.limits)
         for route in list(self.counts.routes.values()):
             for method, by_status in zip(METHODS, route.requests, strict=True):
                 for code, count in list(by_status.items()):
                     request = (route.name, method, str(code))
                     files.write("counter", "uvgate_requests", "uvgate_requests_total", _REQUEST_LABELS, request, count)
+
+    def _limits(self, limits: LimitServices) -> None:
+        """The rate limits' rejections (per route, limit and the kinds it has) and the Redis sync's counts."""
+        files = self.files
+        metric, sample = "uvgate_ratelimit_rejections", "uvgate_ratelimit_rejections_total"
+        for route, limit in limits.route_limits:
+            if limit.bucket is not None:
+                values = (route, limit.name, "local")
+                files.write("counter", metric, sample, _LIMIT_LABELS, values, limit.rejected_local)
+            if limit.ledger is not None:
+                values = (route, limit.name, "global")
+                files.write("counter", metric, sample, _LIMIT_LABELS, values, limit.rejected_global)
+        sync = limits.sync
+        if sync is None:
+            return  # no global limit: no Redis
+        files.histogram("uvgate_redis_sync_seconds", (), (), sync.latency)
+        errors = sync.errors + sync.key_errors
+        files.write("counter", "uvgate_redis_errors", "uvgate_redis_errors_total", (), (), errors)
+        fail_open = sum(step.fail_open for step in limits.limit_steps)
+        files.write("counter", "uvgate_redis_fail_open", "uvgate_redis_fail_open_total", (), (), fail_open)
 
     def _gauges(self) -> None:
         """The live state: upstream servers (with their connect failures) and open client connections."""
@@ -200,6 +238,7 @@ class WorkerMetrics:
 _REQUEST_LABELS = ("route", "method", "code")
 _SERVER_LABELS = ("upstream", "server")
 _CONNECTION_LABELS = ("upstream", "server", "state")
+_LIMIT_LABELS = ("route", "limit", "kind")
 
 
 # ---------------------------------------------------------------------------------------------- supervisor

@@ -5,8 +5,10 @@ counters and histogram buckets summed over live and archived workers, live gauge
 `SAMPLE_EVERY` seconds and keeps the samples of the last `WINDOW`. A report compares the totals read
 now with the oldest sample still in the window: requests per second per route, p50 and p99 per route
 (interpolated inside the histogram buckets, as Prometheus' `histogram_quantile` does) and status
-classes over that span, next to the all-time totals, the upstream servers' live state and the
-workers the supervisor knows. Everything is computed from what `/metrics` exports: the page shows
+classes over that span, next to the all-time totals, the upstream servers' live state, auth failures,
+rate-limit rejections by route, limit and kind (all time and over the span), the Redis sync's
+round trips, errors and fail-open admissions (when some limit is global), and the workers the
+supervisor knows. Everything is computed from what `/metrics` exports: the page shows
 nothing Prometheus could not.
 """
 
@@ -78,6 +80,8 @@ class StatsHistory:
             "upstreams": _upstreams(totals),
             "auth_failures": _by_label(totals, "uvgate_auth_failures_total", "reason"),
             "jwt_cache": _by_label(totals, "uvgate_jwt_cache_total", "result"),
+            "ratelimit_rejections": _rejections(totals, base),
+            "redis": _redis(totals),
         }
 
 
@@ -99,6 +103,37 @@ def _by_label(totals: Totals, sample: str, label: str) -> dict[str, int]:
             key = _label(pairs, label)
             out[key] = out.get(key, 0) + int(value)
     return dict(sorted(out.items()))
+
+
+def _rejections(totals: Totals, base: Totals) -> list[dict[str, object]]:
+    """429s of the rate limits per (route, limit, kind): all time, and within the window."""
+    rows: list[dict[str, object]] = []
+    for key, value in totals.items():
+        name, pairs = key
+        if name != "uvgate_ratelimit_rejections_total":
+            continue
+        rows.append(
+            {
+                "route": _label(pairs, "route"),
+                "limit": _label(pairs, "limit"),
+                "kind": _label(pairs, "kind"),
+                "total": int(value),
+                "window": int(value - base.get(key, 0.0)),
+            }
+        )
+    return sorted(rows, key=lambda row: (str(row["route"]), str(row["limit"]), str(row["kind"])))
+
+
+def _redis(totals: Totals) -> dict[str, int] | None:
+    """The Redis sync of global limits, summed over workers (None: no worker syncs)."""
+    if ("uvgate_redis_errors_total", ()) not in totals:
+        return None
+    round_trips = sum(_value(totals, "uvgate_redis_sync_seconds_bucket", le=le) for le in LE_VALUES)
+    return {
+        "round_trips": int(round_trips),
+        "errors": int(_value(totals, "uvgate_redis_errors_total")),
+        "fail_open": int(_value(totals, "uvgate_redis_fail_open_total")),
+    }
 
 
 def _routes(totals: Totals, base: Totals, span: float) -> list[dict[str, object]]:

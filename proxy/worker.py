@@ -107,7 +107,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
         state.finished.append(access_log.exchange_finished)
         state.tick_subscribers.append(access_log.tick)
     state.tick_subscribers.append(status.heartbeat)
-    metrics = _start_metrics(config, state, clusters, auth)
+    metrics = _start_metrics(config, state, clusters, auth, limits)
     settings = Http1Settings(state)
     stop = loop.create_future()
 
@@ -146,7 +146,7 @@ async def serve(config: Config, sock: socket.socket, slot: int, status: StatusPi
 
 
 def _start_metrics(
-    config: Config, state: WorkerState, clusters: dict[str, Cluster], auth: AuthServices
+    config: Config, state: WorkerState, clusters: dict[str, Cluster], auth: AuthServices, limits: LimitServices
 ) -> WorkerMetrics | None:
     """Count finished exchanges and fold the counts into this worker's metrics files on the tick, when
     metrics are on and the supervisor gave their directory."""
@@ -154,7 +154,7 @@ def _start_metrics(
         return None
     counts = RequestCounts()
     caches = {kind: authority.cache for kind, authority in auth.authorities.items()}
-    metrics = WorkerMetrics(config.metrics, counts, state, clusters, caches, os.getpid())
+    metrics = WorkerMetrics(config.metrics, counts, state, clusters, caches, os.getpid(), limits)
     state.finished.append(counts.exchange_finished)
     state.tick_subscribers.append(metrics.tick)
     return metrics

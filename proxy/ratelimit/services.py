@@ -5,7 +5,8 @@ never cross routes), all of a route's limits in one `LimitStep`. Every ledger of
 by one `RedisSync` (present when some limit is global), whose health the steps read and which wakes
 the exchanges parked on the worker's limit `WaitList` after each round trip. The ledger's estimate
 of the workers spending on a subject starts at this host's worker count. `tick` (a worker tick
-subscriber) sweeps idle buckets and past-window entries every `SWEEP_EVERY` seconds.
+subscriber) sweeps idle buckets and past-window entries every `SWEEP_EVERY` seconds. The steps and
+their limits are listed (`limit_steps`, `route_limits`) for the metrics fold, which reads their counts.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class LimitServices:
         self.waiters = WaitList()
         self.tables: list[BucketTable] = []
         self.ledgers: list[tuple[RouteConfig, str, Ledger]] = []
+        self.limit_steps: list[LimitStep] = []
+        self.route_limits: list[tuple[str, RouteLimit]] = []  # (route name, one of its limits)
         # A suspended exchange is woken by the sync's answer or failure, each within `timeout` of the
         # round trip it waits for (and one before it); this deadline only backs that up.
         self.wait_timeout = 3 * redis.timeout + redis.sync_interval + 0.25
@@ -74,8 +77,12 @@ class LimitServices:
                 )
                 self.sync.add(ledger, route.name, name)
                 self.ledgers.append((route, name, ledger))
-            limits.append(RouteLimit(name, bucket, ledger))
-        return (LimitStep(limits, self.health, self.waiters, self.wait_timeout),)
+            limit = RouteLimit(name, bucket, ledger)
+            limits.append(limit)
+            self.route_limits.append((route.name, limit))
+        step = LimitStep(limits, self.health, self.waiters, self.wait_timeout)
+        self.limit_steps.append(step)
+        return (step,)
 
     async def boot(self) -> None:
         """Connect to Redis and start the sync (if any limit is global); a failure is logged, never fatal."""

@@ -17,6 +17,11 @@ the route, a 429 included, carries `RateLimit-Policy` (pre-encoded) and `RateLim
 (draft-ietf-httpapi-ratelimit-headers-10), and `X-RateLimit-Limit/Remaining/Reset` for the limit
 with the fewest requests left. Clocks: buckets use the request's `t_start` (monotonic), windows its
 Unix time (`t_start + worker.wall_offset`); nothing here reads a clock.
+
+Counts for the metrics (plain ints, read by `proxy.metricsio.WorkerMetrics.fold`, never reset): each
+`RouteLimit` counts the 429s it caused by kind (`rejected_local`: its bucket; `rejected_global`: its
+ledger), and each `LimitStep` the requests it admitted while Redis was down that a global limit of
+the route would have been checked against (`fail_open`: admitted on local limits only).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def _seconds(value: float) -> int:
 class RouteLimit:
     """One `[limits.NAME]` on one route in one worker."""
 
-    __slots__ = ("bucket", "ledger", "local_quoted", "name", "quoted", "tokens")
+    __slots__ = ("bucket", "ledger", "local_quoted", "name", "quoted", "rejected_global", "rejected_local", "tokens")
 
     def __init__(self, name: str, bucket: BucketTable | None, ledger: Ledger | None) -> None:
         self.name = name
@@ -73,6 +78,8 @@ class RouteLimit:
         self.bucket = bucket
         self.ledger = ledger
         self.tokens = 0.0  # the bucket's tokens at the last peek (after the take, once spent)
+        self.rejected_local = 0  # 429s: the bucket had no token
+        self.rejected_global = 0  # 429s: the global view was at the limit
 
     def policy_items(self) -> list[bytes]:
         """Its `RateLimit-Policy` items: the global limit as it is named, the local bucket as NAME.local."""
@@ -89,7 +96,17 @@ class RouteLimit:
 class LimitStep:
     """A route's rate limits, in config order."""
 
-    __slots__ = ("health", "limits", "policy", "refusals", "unavailable", "wait_error", "wait_timeout", "waiters")
+    __slots__ = (
+        "fail_open",
+        "health",
+        "limits",
+        "policy",
+        "refusals",
+        "unavailable",
+        "wait_error",
+        "wait_timeout",
+        "waiters",
+    )
 
     def __init__(self, limits: list[RouteLimit], health: SyncHealth, waiters: WaitList, wait_timeout: float) -> None:
         self.limits = limits
@@ -105,6 +122,7 @@ class LimitStep:
         )
         # 429s by (Retry-After seconds, limit index, scope): a flood of refused requests reuses a few answers.
         self.refusals: dict[int, TooManyRequests] = {}
+        self.fail_open = 0  # requests admitted with a global limit skipped (Redis down, failure_mode "open")
 
     def check(self, exchange: Exchange) -> ProxyError | None:
         subject = exchange.subject
@@ -112,6 +130,7 @@ class LimitStep:
         wall = mono + exchange.worker.wall_offset
         up = self.health.up
         learn = False
+        skipped = False  # a global limit skipped: Redis is down (failure_mode "open")
         for limit in self.limits:
             bucket = limit.bucket
             if bucket is not None:
@@ -124,6 +143,7 @@ class LimitStep:
                 if not up:
                     if self.health.closed:
                         return self.unavailable
+                    skipped = True
                     continue
                 verdict = ledger.peek(subject, wall)
                 if verdict == REJECT:
@@ -154,6 +174,8 @@ class LimitStep:
             ledger = limit.ledger
             if ledger is not None and up:
                 ledger.commit()
+        if skipped:
+            self.fail_open += 1
         self._headers(exchange, wall, len(self.limits), up)
         return None
 
@@ -164,7 +186,12 @@ class LimitStep:
         seconds = _seconds(wait)
         if seconds < 1:
             seconds = 1
-        key = (seconds * len(self.limits) + index) * 2 + (1 if scope == b"global" else 0)
+        is_global = scope == b"global"
+        if is_global:
+            limit.rejected_global += 1
+        else:
+            limit.rejected_local += 1
+        key = (seconds * len(self.limits) + index) * 2 + (1 if is_global else 0)
         refusal = self.refusals.get(key)
         if refusal is None:
             if len(self.refusals) >= _REFUSALS_KEPT:

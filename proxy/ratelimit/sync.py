@@ -22,6 +22,9 @@ fails that key only: it is logged the same way, the key is deleted (keys under `
 proxy's) and its subject learns its count again. `boot` makes
 the first connection before the worker reports ready (a cold client pays imports and a handshake that
 would not fit a round trip's budget) and then starts the loop; a failure there is a failure like any.
+For the metrics (read by `proxy.metricsio.WorkerMetrics.fold`): `latency`, a histogram of the round
+trips made (pipelines and PINGs, answered or failed: a timeout counts its whole budget), `errors`
+(failed round trips, the boot's included) and `key_errors`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from proxy.config import RedisConfig
 from proxy.exchange import WaitList
+from proxy.metrics import Histogram
 from proxy.ratelimit.ledger import Ledger, Sent
 from proxy.ratelimit.step import SyncHealth
 
@@ -105,6 +109,7 @@ class RedisSync:
         self.round_trips = 0
         self.errors = 0  # failed round trips, all told
         self.key_errors = 0  # commands Redis refused within answered round trips
+        self.latency = Histogram()  # seconds per round trip made, answered or failed
         self._next_key_log = 0.0
         self._unlogged = 0  # failures since the last log line
         self._next_log = 0.0
@@ -165,15 +170,18 @@ class RedisSync:
         batches = [book.ledger.take_batch() for book in self.books]
         if not any(batches) and self.health.up and time.monotonic() - self._answered < PROBE_EVERY:
             return True
+        started = time.perf_counter()
         try:
             replies = await asyncio.wait_for(self._send(batches), self.config.timeout)
         except asyncio.CancelledError:
             self._forget(batches)
             raise
         except Exception as exc:  # any failure of the round trip is Redis failing, whatever the client raised
+            self.latency.observe(time.perf_counter() - started)
             self._forget(batches)
             self._failed(exc)
             return False
+        self.latency.observe(time.perf_counter() - started)
         self.round_trips += 1
         self._answered = time.monotonic()
         wall = time.time()

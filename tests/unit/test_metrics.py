@@ -13,7 +13,7 @@ from proxy.config import build
 from proxy.errors import ConfigError
 from proxy.metrics import BUCKETS, Histogram
 from proxy.metricsio import MetricsDirectory, ProcessFiles, SupervisorCollector
-from proxy.status import StatsHistory, quantile
+from proxy.status import StatsHistory, Totals, quantile
 
 BASE = {"upstreams": {"b": {"servers": ["127.0.0.1:9"]}}, "routes": [{"prefix": "/", "upstream": "b"}]}
 
@@ -132,3 +132,30 @@ def test_stats_window_compares_with_the_oldest_sample_in_the_last_minute() -> No
     assert route["requests"] == 1250 and route["rps"] == pytest.approx(10.0)
     assert report["window"] == 60.0
     assert report["status_classes"] == {"total": {"2xx": 1250}, "window": {"2xx": 600}}
+
+
+def test_stats_report_rate_limit_rejections_by_route_limit_and_kind_and_the_redis_sync() -> None:
+    history = StatsHistory(window=60.0, every=5.0)
+    local = ("uvgate_ratelimit_rejections_total", (("kind", "local"), ("limit", "burst"), ("route", "api")))
+    shared = ("uvgate_ratelimit_rejections_total", (("kind", "global"), ("limit", "shared"), ("route", "api")))
+    history.add(0.0, {local: 2.0})
+
+    def report_of(totals: Totals) -> dict[str, object]:
+        return history.report(10.0, totals, workers=[], generation=1, uptime=10.0, draining=False, restarts=0)
+
+    report = report_of({local: 7.0, shared: 3.0})
+    assert report["ratelimit_rejections"] == [
+        {"route": "api", "limit": "burst", "kind": "local", "total": 7, "window": 5},
+        {"route": "api", "limit": "shared", "kind": "global", "total": 3, "window": 3},
+    ]
+    assert report["redis"] is None, "no worker syncs: no global limit"
+    redis: Totals = {
+        ("uvgate_redis_errors_total", ()): 2.0,
+        ("uvgate_redis_fail_open_total", ()): 9.0,
+        ("uvgate_redis_sync_seconds_bucket", (("le", "0.001"),)): 40.0,
+        ("uvgate_redis_sync_seconds_bucket", (("le", "+Inf"),)): 2.0,
+        ("uvgate_redis_sync_seconds_sum", ()): 0.5,
+    }
+    report = report_of(redis)
+    assert report["redis"] == {"round_trips": 42, "errors": 2, "fail_open": 9}
+    assert report["ratelimit_rejections"] == []
