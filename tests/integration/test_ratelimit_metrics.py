@@ -1,9 +1,12 @@
 """The rate limits in /metrics and on the status page, through a real forked proxy (2 workers) and a real Redis:
 429s counted by route, limit and kind exactly as the client received them, the Redis sync's round trips, its
-errors once Redis is killed, and the requests admitted on local limits only while it is down."""
+errors once Redis is killed, and the requests admitted on local limits only while it is down; the step's own
+counts checked in-process."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 import orjson
 
 from devstack import ProxyFactory, ProxyService, RedisServer, Service, http_get, raw_request
+from tests.integration.inprocess import Worker, request, run
 from tests.integration.redisproc import RedisProcess
 from tests.integration.test_metrics_counters import Samples, scrape
 from tests.integration.test_ratelimit_live import fresh_window
@@ -192,3 +196,46 @@ def test_redis_killed_counts_errors_and_the_requests_admitted_on_local_limits_on
         {"route": "api", "limit": "burst", "kind": "local", "total": 0, "window": 0},
         {"route": "echo", "limit": "shared", "kind": "global", "total": 0, "window": 0},
     ], "no 429: every limit of every route listed with the kinds it has, at zero"
+
+
+def test_the_step_counts_each_429_by_its_limit_and_kind_and_fail_open_only_for_requests_it_admits(
+    backend_stub: Service, own_redis: RedisProcess
+) -> None:
+    """In-process: a route checking a global limit, then a local bucket of 4. A 429 counts for the limit and kind
+    that refused it; with Redis gone, a request admitted on the bucket alone counts as fail-open, one the bucket
+    then refuses does not."""
+    data = limited(own_redis.url)
+    data["limits"]["burst"]["local_burst"] = 4
+    data["limits"]["shared"]["global_limit"] = 1_000_000
+    data["routes"] = [{"prefix": "/echo", "upstream": "backend", "limits": ["shared", "burst"], "name": "echo"}]
+    data["upstreams"] = {"backend": {"response_timeout": "5s"}}  # the Worker points it at backend_stub
+
+    async def main() -> None:
+        async with Worker(data, backend_stub.address) as worker:
+            limits = worker.limits
+            assert limits is not None
+            (step,) = limits.limit_steps
+            counts = {limit.name: limit for _, limit in limits.route_limits}
+
+            async def statuses(count: int) -> list[int]:
+                client = await worker.client()
+                out: list[int] = []
+                for _ in range(count):
+                    client.send(request("/echo"))
+                    out.append((await client.response()).status)
+                return out
+
+            assert await statuses(3) == [200, 200, 200]
+            own_redis.kill()
+            deadline = time.monotonic() + 10.0
+            while limits.health.up:  # the sync's next PING (within a second) fails
+                assert time.monotonic() < deadline, "the sync did not notice Redis gone"
+                await asyncio.sleep(0.02)
+            assert await statuses(2) == [200, 429]
+            assert step.fail_open == 1, "the request the bucket admitted alone; not the one it refused"
+            assert (counts["burst"].rejected_local, counts["burst"].rejected_global) == (1, 0)
+            assert (counts["shared"].rejected_local, counts["shared"].rejected_global) == (0, 0)
+            assert limits.sync is not None and limits.sync.errors >= 1
+            assert sum(limits.sync.latency.counts) >= 2, "round trips answered, then the one that failed"
+
+    run(main)
