@@ -73,16 +73,14 @@ class ResponseHeadRewriter:
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
         low = head.lower()
-        found = self.quick.search(low)
-        length = False
-        if found is not None and found.group(1) == b"content-length":
-            length = True
-            found = self.quick.search(low, found.end())  # (llhttp refuses a second Content-Length)
-        if found is None:
-            # The usual response: nothing to remove, framed by Content-Length or by the close.
+        names: list[bytes] = self.quick.findall(low)
+        count = len(names)
+        if count == 0 or (count == 1 and names[0] == b"content-length"):
+            # The usual response: nothing to remove, framed by Content-Length or by the close (one
+            # findall of the names alone: two method calls and a list of one, no match objects).
             if bodiless:
                 kind = BODY_NONE
-            elif length:
+            elif count:
                 kind = BODY_LENGTH
             else:
                 kind = BODY_UNTIL_CLOSE

@@ -313,6 +313,8 @@ def test_concurrent_requests_for_one_token_share_one_introspection_call(backend_
             await until(
                 lambda: len(introspector.inflight.get(header, ())) == 4, 5.0, "four requests parked on one call"
             )
+            # The call is made when the first request parks; the endpoint reads it on its own schedule.
+            await until(lambda: endpoint.requests >= 1, 5.0, "the introspection call at the endpoint")
             assert endpoint.requests == 1
             endpoint.gate.set()
             for client in clients:
