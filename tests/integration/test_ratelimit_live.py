@@ -21,14 +21,18 @@ from tests.supervisor.helpers import wait_for_log, wait_until
 WINDOW = 3600.0
 
 
-def limited(redis_url: str, limit: int, *, window: str = "1h", failure_mode: str = "open") -> dict[str, Any]:
+def limited(
+    redis_url: str, limit: int, *, window: str = "1h", failure_mode: str = "open", timeout: str = "2s"
+) -> dict[str, Any]:
+    """A config limiting both routes per client address. `timeout`: the sync round trip's budget; generous
+    by default, since a round trip slower than it on a loaded machine (fail open) admits beyond the limit."""
     return {
         "server": {"access_log": False},
         "upstreams": {"backend": {"servers": ["127.0.0.1:1"], "response_timeout": "5s"}},
         "redis": {
             "url": redis_url,
             "failure_mode": failure_mode,
-            "timeout": "100ms",
+            "timeout": timeout,
             "key_prefix": f"t{uuid.uuid4().hex[:12]}:",
         },
         "limits": {"per_key": {"global_limit": limit, "window": window}},
@@ -110,7 +114,9 @@ def test_redis_killed_with_failure_mode_closed_answers_503_within_the_timeout_th
     proxy_factory: ProxyFactory, backend_stub: Service, own_redis: RedisProcess
 ) -> None:
     timeout = 0.1
-    proxy = proxy_factory(limited(own_redis.url, 1_000_000, window="1s", failure_mode="closed"), workers=2)
+    proxy = proxy_factory(
+        limited(own_redis.url, 1_000_000, window="1s", failure_mode="closed", timeout="100ms"), workers=2
+    )
     load = PacedLoad([proxy.port], rate=200, duration=6.0, connections=6, target="/api/resource").start()
     try:
         time.sleep(1.0)
@@ -200,7 +206,7 @@ def test_redis_stopped_for_3s_under_load_delays_no_request_beyond_the_timeout(
     proxy_factory: ProxyFactory, backend_stub: Service, own_redis: RedisProcess
 ) -> None:
     timeout = 0.1
-    proxy = proxy_factory(limited(own_redis.url, 1_000_000, window="1s"), workers=2)
+    proxy = proxy_factory(limited(own_redis.url, 1_000_000, window="1s", timeout="100ms"), workers=2)
     load = PacedLoad([proxy.port], rate=200, duration=5.5, connections=6, target="/api/resource").start()
     try:
         time.sleep(1.0)
