@@ -97,7 +97,13 @@ class ProcessFiles:
         file = self._files.get(prefix)
         if file is None:
             path = os.path.join(self.directory, f"{prefix}_{self.pid}.db")
-            file = self._files[prefix] = MmapedDict(path)  # type: ignore[no-untyped-call]
+            # Made under another name, then renamed into place: a scrape reading the directory never
+            # finds the file before its header is written (the reader fails on a file shorter than
+            # 4 bytes: a /metrics 500 seen once during a reload). The mapping follows the inode.
+            made = path + ".new"
+            file = MmapedDict(made)  # type: ignore[no-untyped-call]
+            os.rename(made, path)
+            self._files[prefix] = file
         return file
 
     def write(
@@ -284,8 +290,9 @@ class MetricsDirectory:
         self._parsed: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
 
     def _remove_files(self) -> None:
-        for name in glob.glob(os.path.join(self.path, "*.db")):
-            os.remove(name)
+        for pattern in ("*.db", "*.db.new"):  # (.new: a worker killed while it made a file)
+            for name in glob.glob(os.path.join(self.path, pattern)):
+                os.remove(name)
 
     def exposition(self) -> bytes:
         """The /metrics body (Prometheus text format) for the whole proxy."""
