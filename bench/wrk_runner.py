@@ -19,6 +19,7 @@ __all__ = [
     "REPORT_LUA",
     "REQUEST_SCRIPTS",
     "WrkResult",
+    "affinity",
     "duration_seconds",
     "find_wrk",
     "parse_wrk_output",
@@ -54,6 +55,8 @@ class WrkResult:
     mean_us: float
     max_us: float
     errors: dict[str, int]
+    rejected: int = 0
+    """Answers with status 429, counted apart from `errors` (Locust; wrk counts them as status errors)."""
 
     @property
     def rps(self) -> float:
@@ -80,6 +83,7 @@ class WrkResult:
                 "max": self.max_us,
             },
             "errors": dict(self.errors),
+            "rejected_429": self.rejected,
         }
 
 
@@ -123,7 +127,8 @@ def wrk_version(wrk: str) -> str:
     return lines[0].strip() if lines else "unknown"
 
 
-def _affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+def affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    """A preexec function pinning the child to `cpus`; None for no pinning."""
     if not cpus:
         return None
     cpu_set = set(cpus)
@@ -158,7 +163,7 @@ def run_wrk(
         text=True,
         timeout=duration_seconds(duration) + 60,
         check=False,
-        preexec_fn=_affinity(cpus),
+        preexec_fn=affinity(cpus),
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
