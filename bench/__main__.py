@@ -191,7 +191,10 @@ def find_peers(targets: Sequence[str], explicit: bool) -> tuple[dict[str, str], 
         try:
             versions[name] = peer_version(spec, found)
         except StackError as exc:
-            (fatal if explicit else notes).append(f"{exc}: skipping the {name} target")
+            if explicit:
+                fatal.append(str(exc))
+            else:
+                notes.append(f"{exc}: skipping the {name} target")
             continue
         binaries[name] = found
     return binaries, versions, notes, fatal

@@ -130,6 +130,14 @@ def test_missing_peers_are_notes_unless_asked_for(monkeypatch: pytest.MonkeyPatc
     assert notes == [] and fatal == [HAPROXY.missing]
 
 
+def test_a_broken_peer_is_a_note_or_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_main, "find_peer", lambda spec: "/bin/false")
+    _, _, notes, fatal = bench_main.find_peers(("caddy",), explicit=False)
+    assert fatal == [] and notes[0].endswith("skipping the caddy target") and "apt-get install caddy" in notes[0]
+    _, _, notes, fatal = bench_main.find_peers(("caddy",), explicit=True)
+    assert notes == [] and "skipping" not in fatal[0] and "apt-get install caddy" in fatal[0]
+
+
 def test_a_peer_asked_for_but_missing_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
