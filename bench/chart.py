@@ -3,7 +3,7 @@
 A grid of bar charts: one row per figure (CPU µs/req, RPS, p99 in ms), one column per scenario (each
 panel with its own scale: a 256 KiB answer costs far more than a plain one), one bar and colour per
 target (the same colour in every panel and every run: `target_colours`); each bar is the median over
-the rounds and its whisker the spread (min to max is twice it). Needs matplotlib (the `bench` extra);
+the rounds and its whiskers reach the smallest and the largest round. Needs matplotlib (the `bench` extra);
 `ChartUnavailable` says so.
 """
 
@@ -48,8 +48,17 @@ def _panels() -> tuple[tuple[str, str, float], ...]:
     )
 
 
-def _spread_field(field: str) -> str:
-    return {"proxy_cpu_us_per_req": "cpu_spread", "rps": "rps_spread", "p99_us": "p99_spread"}[field]
+def _whiskers(
+    present: Sequence[ScenarioSummary], field: str, scale: float, heights: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The distances from each bar (the median) down to the smallest and up to the largest round."""
+    low: list[float] = []
+    high: list[float] = []
+    for summary, height in zip(present, heights, strict=True):
+        smallest, largest = summary.ranges.get(field, (height / scale, height / scale))
+        low.append(max(0.0, height - smallest * scale))
+        high.append(max(0.0, largest * scale - height))
+    return low, high
 
 
 def write_chart(
@@ -82,9 +91,8 @@ def write_chart(
             present = [s for s in summaries if s.scenario == scenario and getattr(s, field) is not None]
             xs = list(range(len(present)))
             heights = [float(getattr(s, field)) * scale for s in present]
-            spreads = [getattr(s, _spread_field(field)) for s in present]
-            errors = [h * (share or 0.0) for h, share in zip(heights, spreads, strict=True)]
-            axis.bar(xs, heights, 0.7, yerr=errors, capsize=3, color=[colours[s.target] for s in present])
+            low, high = _whiskers(present, field, scale, heights)
+            axis.bar(xs, heights, 0.7, yerr=[low, high], capsize=3, color=[colours[s.target] for s in present])
             axis.set_xticks(xs, [names.get(s.target, s.target) for s in present], rotation=30, ha="right")
             axis.grid(axis="y", alpha=0.3)
             axis.set_axisbelow(True)
@@ -99,7 +107,7 @@ def write_chart(
     figure.text(
         0.5,
         0.075,
-        "bars: median over the rounds; whiskers: spread (half the range). CPU and p99: lower is better; RPS: higher.",
+        "bars: median over the rounds; whiskers: smallest to largest round. CPU and p99: lower is better; RPS: higher.",
         fontsize="x-small",
         ha="center",
     )

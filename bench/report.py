@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bench.cpu import CpuTimes
@@ -33,6 +33,7 @@ __all__ = [
     "saturation_notes",
     "spread",
     "summarize",
+    "value_range",
 ]
 
 CpuField = Literal["total", "user", "system"]
@@ -144,6 +145,8 @@ class ScenarioSummary:
     rps_spread: float | None = None
     p99_spread: float | None = None
     cpu_spread: float | None = None
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(min, max) over the rounds of `rps`, `p99_us` and `proxy_cpu_us_per_req` (the chart's whiskers)."""
 
     def cpu(self, field: CpuField) -> float | None:
         """Median proxy CPU µs/request: total, user or system."""
@@ -168,6 +171,7 @@ class ScenarioSummary:
             "rejected_429_total": self.rejected,
             "proxy_cpu_us_per_req_median": self.proxy_cpu_us_per_req,
             "proxy_cpu_spread": self.cpu_spread,
+            "ranges": {name: list(pair) for name, pair in self.ranges.items()},
             "proxy_user_us_per_req_median": self.proxy_user_us_per_req,
             "proxy_system_us_per_req_median": self.proxy_system_us_per_req,
             "backend_cpu_us_per_req_median": self.backend_cpu_us_per_req,
@@ -179,6 +183,12 @@ class ScenarioSummary:
 def _median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
+
+
+def value_range(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """(min, max) of the values present; None without any."""
+    present = [v for v in values if v is not None]
+    return (min(present), max(present)) if present else None
 
 
 def spread(values: Sequence[float | None]) -> float | None:
@@ -196,6 +206,12 @@ def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
     out = []
     for scenario, target in order:
         runs = [r for r in records if r.scenario == scenario and r.target == target]
+        series: dict[str, list[float | None]] = {
+            "rps": [r.result.rps for r in runs],
+            "p99_us": [r.result.p99_us for r in runs],
+            "proxy_cpu_us_per_req": [r.proxy_cpu_us_per_req for r in runs],
+        }
+        ranges = {name: pair for name, values in series.items() if (pair := value_range(values)) is not None}
         out.append(
             ScenarioSummary(
                 target=target,
@@ -212,9 +228,10 @@ def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
                 backend_core_share=_median([r.backend_core_share for r in runs]),
                 scenario=scenario,
                 rejected=sum(r.result.rejected for r in runs),
-                rps_spread=spread([r.result.rps for r in runs]),
-                p99_spread=spread([r.result.p99_us for r in runs]),
-                cpu_spread=spread([r.proxy_cpu_us_per_req for r in runs]),
+                rps_spread=spread(series["rps"]),
+                p99_spread=spread(series["p99_us"]),
+                cpu_spread=spread(series["proxy_cpu_us_per_req"]),
+                ranges=ranges,
             )
         )
     return out

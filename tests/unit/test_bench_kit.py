@@ -263,9 +263,13 @@ def test_summaries_by_scenario_and_target() -> None:
     assert proxy.cpu_spread == pytest.approx(1 / 13)
     assert proxy.rps_spread == pytest.approx(100 / 1000)
     assert proxy.p99_spread == pytest.approx(1 / 301)
+    assert proxy.ranges["p99_us"] == (300.0, 302.0)
+    assert proxy.ranges["proxy_cpu_us_per_req"] == pytest.approx((12.0, 14.0))
+    assert "proxy_cpu_us_per_req" not in summarize([RunRecord("direct", 0, _result(5), None, 0.0)])[0].ranges
     assert summaries[3].rejected == 6
     data = summaries[3].as_dict()
     assert (data["scenario"], data["target"], data["rejected_429_total"]) == ("realistic", "proxy", 6)
+    assert data["ranges"]["rps"] == [1000.0, 1000.0]
     by = ratios_by_scenario(summaries)
     assert by["plain"]["uvgate_over_nginx_cpu_per_req"] == pytest.approx(1.3)
     assert by["realistic"]["uvgate_over_nginx_cpu_per_req"] == pytest.approx(16 / 11)
