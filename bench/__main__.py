@@ -40,7 +40,7 @@ from bench.baseline import (
 from bench.chart import ChartUnavailable, write_chart
 from bench.cpu import CpuTimes, tree_cpu_times
 from bench.jwt import JWT_HOST, check_jwt_route, mint_tokens
-from bench.locust_runner import INSTALL_LOCUST, find_locust, locust_env, run_locust
+from bench.locust_runner import INSTALL_LOCUST, find_locust, locust_env, locust_version, run_locust
 from bench.nginx import (
     NGINX_MISSING,
     NGINX_MISSING_BACKEND,
@@ -410,14 +410,18 @@ def run_scenario(ctx: Context, scenario: Scenario, names: Sequence[str], labels:
     """Start the targets of `scenario`, run its rounds (records into ctx.records), stop them."""
     with contextlib.ExitStack() as cleanup:
         servers = _start_servers(ctx, scenario, names, cleanup)
-        ctx.code |= {f"{scenario.name}/{n}": c for n, c in _verify_code(servers, ctx.baseline).items()}
+        code = _verify_code(servers, ctx.baseline)
+        ctx.code |= {f"{scenario.name}/{n}": c for n, c in code.items()}
         targets = _targets_of(ctx, scenario, servers)
         for name in names:
             if name != JWT:
                 _check(targets[name])
         print(f"scenario {scenario.name}: {scenario.description}", flush=True)
         for name, svc in servers.items():
-            print(f"  {labels.get(name, name):<12} {svc.url} (pid {svc.pid}, workers {svc.children()})", flush=True)
+            runs = f"; runs {code[name].describe()}" if name in code else ""
+            print(
+                f"  {labels.get(name, name):<12} {svc.url} (pid {svc.pid}, workers {svc.children()}){runs}", flush=True
+            )
         rss = {name: {"initial": _workers_rss(servers[name])} for name in UVGATE if name in servers}
         width = max(len(labels.get(n, n)) for n in names)
         for index in range(ctx.args.runs):
@@ -548,9 +552,9 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
     footer += [f"note: {note}" for note in plan.notes]
     if backend_kind == "stub" and any(s.name == "body" for s in plan.scenarios):
         footer.append("note: body with backend_stub: the answer is its fixed 53 bytes, not 256 KiB (nginx backend)")
-    if footer:
-        print()
-        print("\n".join(footer))
+    footer.append(f"machine: {nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}; backend {backend_kind}")
+    print()
+    print("\n".join(footer))
     for scenario_name, rss in ctx.rss.items():
         for name, sizes in rss.items():
             if "start" in sizes:
@@ -571,7 +575,7 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
             "python": sys.version.split()[0],
         },
         "pinning": pinning_text(pin, nproc),
-        "tool": {"name": args.tool, "version": wrk_version(tool) if args.tool == "wrk" else "locust"},
+        "tool": {"name": args.tool, "version": wrk_version(tool) if args.tool == "wrk" else locust_version(tool)},
         "params": {
             "scenarios": [s.name for s in plan.scenarios],
             "targets": list(plan.targets),

@@ -28,6 +28,7 @@ __all__ = [
     "fold_locust_csv",
     "locust_argv",
     "locust_env",
+    "locust_version",
     "run_locust",
 ]
 
@@ -54,6 +55,16 @@ def find_locust(
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return which("locust")
+
+
+def locust_version(locust: str) -> str:
+    """The first line of `locust --version`, or `unknown`."""
+    try:
+        done = subprocess.run([locust, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    lines = (done.stdout + done.stderr).splitlines()
+    return lines[0].strip() if lines else "unknown"
 
 
 def locust_argv(locust: str, url: str, *, users: int, seconds: int, csv_prefix: Path) -> list[str]:
