@@ -55,6 +55,7 @@ from bench.nginx import (
 from bench.peers import PEERS, find_peer, peer_version, start_peer
 from bench.report import (
     RunRecord,
+    ScenarioSummary,
     format_mib,
     format_ratios,
     format_table,
@@ -234,7 +235,8 @@ class Context:
     all_cpus: list[int] | None
     records: list[RunRecord] = field(default_factory=list)
     code: dict[str, RunningCode] = field(default_factory=dict)
-    rss: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rss: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Scenario -> uvgate target -> `initial`/`start`/`end` -> worker pid -> RSS bytes."""
     step: int = 0
     steps: int = 0
     load_runs: int = 0
@@ -450,6 +452,45 @@ def run_scenario(ctx: Context, scenario: Scenario, names: Sequence[str], labels:
         ctx.rss[scenario.name] = rss
 
 
+def footer_lines(
+    summaries: Sequence[ScenarioSummary],
+    labels: dict[str, str],
+    paired: dict[str, float | None],
+    plan: Plan,
+    backend_kind: str,
+    machine: str,
+) -> list[str]:
+    """What follows the table: ratios per scenario, saturation notes, the paired auth cost, what was left
+    out, the machine, and a warning when the load generator saw errors."""
+    lines = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
+    lines += [
+        f"{n}: auth (jwt - proxy) CPU µs/req, paired by round: median {v:+.2f}"
+        for n, v in paired.items()
+        if v is not None
+    ]
+    lines += [f"note: {note}" for note in plan.notes]
+    if backend_kind == "stub" and any(s.name == "body" for s in plan.scenarios):
+        lines.append("note: body with backend_stub: the answer is its fixed 53 bytes, not 256 KiB (nginx backend)")
+    lines.append(f"machine: {machine}")
+    errors = sum(s.errors for s in summaries)
+    if errors:
+        lines.append(f"WARNING: {errors} load-generator errors (connect/read/write/status/timeout); see the JSON")
+    return lines
+
+
+def rss_lines(rss: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str]) -> list[str]:
+    """Each uvgate's workers' RSS after the first warm-up and at the end, by scenario."""
+    lines = []
+    for scenario_name, by_target in rss.items():
+        for name, sizes in by_target.items():
+            if "start" in sizes:
+                start, end = _sum_rss(sizes["start"]), _sum_rss(sizes["end"])
+                growth = format_mib(end - start) if start is not None and end is not None else "-"
+                label = f"{scenario_name} {labels.get(name, name)}"
+                lines.append(f"{label} worker RSS: start {format_mib(start)}, end {format_mib(end)} (growth {growth})")
+    return lines
+
+
 def cpu_model() -> str:
     """The `model name` of /proc/cpuinfo, else platform.processor(), else `unknown`."""
     try:
@@ -543,28 +584,10 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
             ratio_values[name]["jwt_minus_proxy_cpu_per_req_paired"] = value
     print()
     print(format_table(summaries, labels))
-    footer = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
-    footer += [
-        f"{n}: auth (jwt - proxy) CPU µs/req, paired by round: median {v:+.2f}"
-        for n, v in paired.items()
-        if v is not None
-    ]
-    footer += [f"note: {note}" for note in plan.notes]
-    if backend_kind == "stub" and any(s.name == "body" for s in plan.scenarios):
-        footer.append("note: body with backend_stub: the answer is its fixed 53 bytes, not 256 KiB (nginx backend)")
-    footer.append(f"machine: {nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}; backend {backend_kind}")
     print()
-    print("\n".join(footer))
-    for scenario_name, rss in ctx.rss.items():
-        for name, sizes in rss.items():
-            if "start" in sizes:
-                start, end = _sum_rss(sizes["start"]), _sum_rss(sizes["end"])
-                growth = format_mib(end - start) if start is not None and end is not None else "-"
-                label = f"{scenario_name} {labels.get(name, name)}"
-                print(f"{label} worker RSS: start {format_mib(start)}, end {format_mib(end)} (growth {growth})")
-    errors = sum(s.errors for s in summaries)
-    if errors:
-        print(f"WARNING: {errors} load-generator errors (connect/read/write/status/timeout); see the JSON for details")
+    machine = f"{nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}; backend {backend_kind}"
+    print("\n".join(footer_lines(summaries, labels, paired, plan, backend_kind, machine)))
+    print("\n".join(rss_lines(ctx.rss, labels)))
 
     document = {
         "timestamp": started.isoformat(),

@@ -416,3 +416,33 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
     assert out == tmp_path / "results" / "run.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- report footer
+
+
+def _plan(*scenarios: str, notes: tuple[str, ...] = ()) -> bench_main.Plan:
+    return bench_main.Plan(tuple(SCENARIOS[n] for n in scenarios), TARGETS, {}, {}, notes)
+
+
+def test_footer_lines() -> None:
+    summaries = summarize(_two_scenarios())
+    lines = bench_main.footer_lines(
+        summaries, {}, {"plain": None, "jwt": 1.5}, _plan("plain", "body", notes=("caddy not found",)), "stub", "2 CPUs"
+    )
+    assert lines[:2] == format_ratios(summaries)
+    assert "jwt: auth (jwt - proxy) CPU µs/req, paired by round: median +1.50" in lines
+    assert "note: caddy not found" in lines
+    assert any(line.startswith("note: body with backend_stub") for line in lines)
+    assert lines[-1] == "machine: 2 CPUs"
+    nginx_backend = bench_main.footer_lines(summaries, {}, {}, _plan("body"), "nginx", "x")
+    assert not any("backend_stub" in line for line in nginx_backend)
+    failed = [RunRecord("proxy", 0, WrkResult(10, 1.0, 1, 1, 1, 1, 1, 1, {"status": 3}), None, 0.0)]
+    assert bench_main.footer_lines(summarize(failed), {}, {}, _plan("plain"), "nginx", "x")[-1].startswith("WARNING: 3")
+
+
+def test_rss_lines() -> None:
+    rss = {"plain": {"proxy": {"initial": {}, "start": {"1": 2**20}, "end": {"1": 3 * 2**20}}, "baseline": {}}}
+    assert bench_main.rss_lines(rss, {"proxy": "uvgate"}) == [
+        "plain uvgate worker RSS: start 1.0 MiB, end 3.0 MiB (growth 2.0 MiB)"
+    ]
