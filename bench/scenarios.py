@@ -2,7 +2,7 @@
 
 A scenario is a request shape plus a server setup: `plain`, `realistic`, `jwt`, `body`, `workers`.
 Every target of a run (the backend `direct`, the peers `nginx`, `haproxy`, `caddy`, uvgate as `proxy`,
-with `--request jwt` also uvgate's JWT route as `jwt`, with `--baseline` another commit's uvgate)
+in the jwt scenario also uvgate's JWT route as `jwt`, with `--baseline` another commit's uvgate)
 gets the same scenario in turn, round by round. `limited` and `rejecting` are declared in `PLANNED`:
 they need rate limits in the proxy config (`Scenario.proxy_config`) and 429 counting (`expect_status`),
 and join `SCENARIOS` when limits exist.
