@@ -8,14 +8,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 import bench.__main__ as bench_main
-from bench.chart import CHART_NAMES, PALETTE, target_colours, write_chart
+from bench.chart import CHART_NAMES, PALETTE, ChartUnavailable, target_colours, write_chart
 from bench.cpu import CpuTimes
-from bench.locust_runner import LOCUSTFILE, REJECTED_NAME, find_locust, fold_locust_csv, locust_argv, locust_env
+from bench.locust_runner import (
+    LOCUSTFILE,
+    REJECTED_NAME,
+    find_locust,
+    fold_locust_csv,
+    locust_argv,
+    locust_env,
+    run_locust,
+)
 from bench.nginx import LARGE_BODY_SIZE, LARGE_PATH, large_body, render_backend_conf, render_nginx_conf
 from bench.peers import CADDY, HAPROXY, PEERS, find_peer, peer_version, render_peer_conf
 from bench.report import (
@@ -446,3 +455,29 @@ def test_rss_lines() -> None:
     assert bench_main.rss_lines(rss, {"proxy": "uvgate"}) == [
         "plain uvgate worker RSS: start 1.0 MiB, end 3.0 MiB (growth 2.0 MiB)"
     ]
+
+
+def test_run_locust_folds_what_locust_wrote(tmp_path: Path) -> None:
+    fake = tmp_path / "locust"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do if [ "$1" = --csv ]; then prefix=$2; fi; shift; done\n'
+        'cat "$STATS" > "${prefix}_stats.csv"\n'
+        'test "$BENCH_SCENARIO" = plain && test -n "$PYTHONPATH"\n'
+    )
+    fake.chmod(0o755)
+    (tmp_path / "stats.csv").write_text(LOCUST_STATS)
+    env = {"STATS": str(tmp_path / "stats.csv"), **locust_env(scenario="plain", path="/", tokens=None, host=None)}
+    result = run_locust(str(fake), "http://127.0.0.1:1", seconds=1, users=2, csv_prefix=tmp_path / "run", env=env)
+    assert (result.requests, result.rejected, result.errors["status"]) == (10000, 1000, 30)
+    (tmp_path / "fail").write_text("#!/bin/sh\necho boom >&2\nexit 3\n")
+    (tmp_path / "fail").chmod(0o755)
+    with pytest.raises(RuntimeError, match="exited 3:\nboom"):
+        run_locust(str(tmp_path / "fail"), "http://x", seconds=1, users=1, csv_prefix=tmp_path / "f", env={})
+
+
+def test_chart_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ChartUnavailable, match=r"pip install -e '\.\[bench\]'"):
+        write_chart(summarize(_two_scenarios()), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
