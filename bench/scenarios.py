@@ -4,8 +4,9 @@ A scenario is a request shape plus a server setup: `plain`, `realistic`, `jwt`, 
 Every target of a run (the backend `direct`, the peers `nginx`, `haproxy`, `caddy`, uvgate as `proxy`,
 in the jwt scenario also uvgate's JWT route as `jwt`, with `--baseline` another commit's uvgate)
 gets the same scenario in turn, round by round. `limited` and `rejecting` are declared in `PLANNED`:
-they need rate limits in the proxy config (`Scenario.proxy_config`) and 429 counting (`expect_status`),
-and join `SCENARIOS` when limits exist.
+they need rate limits in the proxy config (`Scenario.proxy_config`, as `jwt` adds its route) and join
+`SCENARIOS` when limits exist. Answers with 429 already have their own count (`WrkResult.rejected`, the
+table's `429` column): Locust fills it; wrk counts a 429 as a status error until a script counts it.
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ class Scenario:
     """Needs auth_stub and the token file (script argument; the `jwt` target is added)."""
     proxy_config: ProxyConfigHook | None = None
     """Turns the proxy config template into this scenario's (e.g. adds the JWT route, or limits)."""
-    expect_status: int = 200
-    """What a request normally gets; answers with 429 are counted apart from errors (`rejecting`)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
