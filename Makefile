@@ -7,6 +7,8 @@ STAMP := $(VENV)/.uvgate-installed
 # The hot-path modules are compiled in place with mypyc (setup.py lists them); any change under
 # proxy/ rebuilds them. `UVGATE_PURE_PYTHON=1 make build` leaves the tree pure Python instead.
 COMPILED := $(VENV)/.uvgate-compiled
+# The bench extra (Locust, matplotlib for the chart), installed once by `make bench`.
+BENCH_EXTRA := $(VENV)/.uvgate-bench-extra
 PROXY_SOURCES := $(wildcard proxy/*.py proxy/*/*.py)
 RUN_CONFIG ?= configs/dev.toml
 # e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s", make bench ARGS="--baseline main"
@@ -26,8 +28,9 @@ help:
 	@echo "make fmt        apply ruff format and the safe ruff fixes"
 	@echo "make fuzz       coverage-guided fuzzing of request and response framing (atheris; FUZZ_TIME=300 s)"
 	@echo "make oracle     the differential oracle (proxy vs h11) over ORACLE_COUNT=100000 inputs of each kind"
-	@echo "make bench      wrk benchmark: direct-to-backend vs through nginx and the proxy (needs wrk)"
-	@echo "                ARGS=\"--baseline main\" adds main's proxy, for before/after comparisons"
+	@echo "make bench      wrk: scenarios (plain, realistic, jwt, body, workers) against the backend direct,"
+	@echo "                nginx, HAProxy, Caddy (those installed) and uvgate; table, JSON and PNG in bench/results/"
+	@echo "                ARGS=\"--scenario plain --target nginx,proxy\" for less; ARGS=\"--baseline main\" adds main's proxy"
 	@echo "make clean      remove caches and build output (make distclean also removes $(VENV))"
 
 venv: $(STAMP)
@@ -64,7 +67,11 @@ fmt: venv
 run: build
 	$(BIN)/python -m devstack run --config $(RUN_CONFIG) $(ARGS)
 
-bench: build
+$(BENCH_EXTRA): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: build $(BENCH_EXTRA)
 	$(BIN)/python -m bench $(ARGS)
 
 # Fuzzing runs the pure-Python sources (atheris instruments Python bytecode, not compiled modules);

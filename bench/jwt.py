@@ -1,9 +1,9 @@
-"""The `--request jwt` shape: a JWT route in the proxy config, auth_stub tokens, the check that they pass.
+"""The `jwt` scenario: a JWT route in the proxy config, auth_stub tokens, the check that they pass.
 
 The proxy gets the template's routes plus `[auth.jwt]` (RS256 and ES256 from auth_stub's JWKS; devstack
 points jwks_url at the auth_stub it started) and one more route, chosen by `Host: jwt.bench`, with the
-same prefix and upstream as the template's `/api/` route and `auth = "jwt"`. The `proxy` scenario sends
-the same tokens to the `/api/` route without auth, the `jwt` scenario to the JWT route: same request
+same prefix and upstream as the template's `/api/` route and `auth = "jwt"`. The `proxy` target sends
+the same tokens to the `/api/` route without auth, the `jwt` target to the JWT route: same request
 bytes but for the Host value, same backend answer, so the difference of the two rows is what checking
 the token (a warm cache: 1,000 tokens, each verified once per worker) and forwarding the identity cost.
 """

@@ -10,7 +10,7 @@
   lines), in ns per request.
 
 Each figure is the median of `--rounds` rounds (fresh tokens every cold round). The numbers are CPU time on
-this machine with whatever else runs on it; `make bench ARGS="--request jwt"` gives the end-to-end cost.
+this machine with whatever else runs on it; `make bench ARGS="--scenario jwt"` gives the end-to-end cost.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""Aggregating wrk runs into the one table `python -m bench` prints (pure functions)."""
+"""Aggregating wrk (or Locust) runs into the table `python -m bench` prints (pure functions).
+
+Runs are grouped by (scenario, target): each summary holds the median of every figure over the rounds
+and, for RPS, p99 and proxy CPU µs/req, the spread: half the range (max - min) over the median.
+"""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bench.cpu import CpuTimes
@@ -16,6 +20,7 @@ __all__ = [
     "CpuField",
     "RunRecord",
     "ScenarioSummary",
+    "by_scenario",
     "cpu_difference",
     "cpu_ratio",
     "format_mib",
@@ -23,9 +28,12 @@ __all__ = [
     "format_table",
     "paired_difference",
     "ratios",
+    "ratios_by_scenario",
     "rps_ratio",
     "saturation_notes",
+    "spread",
     "summarize",
+    "value_range",
 ]
 
 CpuField = Literal["total", "user", "system"]
@@ -48,15 +56,17 @@ def _share(seconds: float | None, duration_s: float) -> float | None:
 class RunRecord:
     """One measured run: wrk's numbers plus the CPU the proxy on the path and the backend used meanwhile.
 
-    `proxy_cpu` is the process tree under test: uvgate (supervisor + workers) in `proxy`, the
-    baseline commit's uvgate in `baseline`, nginx (master + worker) in `nginx`, None in `direct`.
+    `proxy_cpu` is the process tree under test: uvgate (supervisor + workers) in `proxy` and `jwt`,
+    the baseline commit's uvgate in `baseline`, nginx (master + worker) in `nginx`, the HAProxy or
+    Caddy process in `haproxy` and `caddy`, None in `direct`. `index` is the round.
     """
 
-    scenario: str
+    target: str
     index: int
     result: WrkResult
     proxy_cpu: CpuTimes | None
     backend_cpu_s: float
+    scenario: str = "plain"
 
     @property
     def proxy_cpu_s(self) -> float | None:
@@ -97,6 +107,7 @@ class RunRecord:
         """JSON-friendly form."""
         return {
             "scenario": self.scenario,
+            "target": self.target,
             "run": self.index,
             **self.result.as_dict(),
             "proxy_cpu_s": self.proxy_cpu_s,
@@ -114,9 +125,10 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScenarioSummary:
-    """Medians over the runs of one scenario (errors are summed); each CPU figure is its own median."""
+    """One target in one scenario: medians over its runs (errors and 429s summed); each CPU figure is its
+    own median; the `*_spread` fields are half the range over the median (0.03 = ±3 %)."""
 
-    scenario: str
+    target: str
     runs: int
     rps: float
     p50_us: float
@@ -128,6 +140,13 @@ class ScenarioSummary:
     proxy_system_us_per_req: float | None = None
     proxy_core_share: float | None = None
     backend_core_share: float | None = None
+    scenario: str = "plain"
+    rejected: int = 0
+    rps_spread: float | None = None
+    p99_spread: float | None = None
+    cpu_spread: float | None = None
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(min, max) over the rounds of `rps`, `p99_us` and `proxy_cpu_us_per_req` (the chart's whiskers)."""
 
     def cpu(self, field: CpuField) -> float | None:
         """Median proxy CPU µs/request: total, user or system."""
@@ -141,12 +160,18 @@ class ScenarioSummary:
         """JSON-friendly form."""
         return {
             "scenario": self.scenario,
+            "target": self.target,
             "runs": self.runs,
             "rps_median": self.rps,
+            "rps_spread": self.rps_spread,
             "p50_us_median": self.p50_us,
             "p99_us_median": self.p99_us,
+            "p99_spread": self.p99_spread,
             "errors_total": self.errors,
+            "rejected_429_total": self.rejected,
             "proxy_cpu_us_per_req_median": self.proxy_cpu_us_per_req,
+            "proxy_cpu_spread": self.cpu_spread,
+            "ranges": {name: list(pair) for name, pair in self.ranges.items()},
             "proxy_user_us_per_req_median": self.proxy_user_us_per_req,
             "proxy_system_us_per_req_median": self.proxy_system_us_per_req,
             "backend_cpu_us_per_req_median": self.backend_cpu_us_per_req,
@@ -160,15 +185,36 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def value_range(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """(min, max) of the values present; None without any."""
+    present = [v for v in values if v is not None]
+    return (min(present), max(present)) if present else None
+
+
+def spread(values: Sequence[float | None]) -> float | None:
+    """Half the range of `values` over their median (0.05 = ±5 %); None without values or a zero median."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    middle = statistics.median(present)
+    return None if middle == 0 else (max(present) - min(present)) / 2 / abs(middle)
+
+
 def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
-    """One summary per scenario, in order of first appearance."""
-    order = list(dict.fromkeys(r.scenario for r in records))
+    """One summary per (scenario, target), in order of first appearance."""
+    order = list(dict.fromkeys((r.scenario, r.target) for r in records))
     out = []
-    for scenario in order:
-        runs = [r for r in records if r.scenario == scenario]
+    for scenario, target in order:
+        runs = [r for r in records if r.scenario == scenario and r.target == target]
+        series: dict[str, list[float | None]] = {
+            "rps": [r.result.rps for r in runs],
+            "p99_us": [r.result.p99_us for r in runs],
+            "proxy_cpu_us_per_req": [r.proxy_cpu_us_per_req for r in runs],
+        }
+        ranges = {name: pair for name, values in series.items() if (pair := value_range(values)) is not None}
         out.append(
             ScenarioSummary(
-                scenario=scenario,
+                target=target,
                 runs=len(runs),
                 rps=statistics.median(r.result.rps for r in runs),
                 p50_us=statistics.median(r.result.p50_us for r in runs),
@@ -180,13 +226,19 @@ def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
                 proxy_system_us_per_req=_median([r.proxy_system_us_per_req for r in runs]),
                 proxy_core_share=_median([r.proxy_core_share for r in runs]),
                 backend_core_share=_median([r.backend_core_share for r in runs]),
+                scenario=scenario,
+                rejected=sum(r.result.rejected for r in runs),
+                rps_spread=spread(series["rps"]),
+                p99_spread=spread(series["p99_us"]),
+                cpu_spread=spread(series["proxy_cpu_us_per_req"]),
+                ranges=ranges,
             )
         )
     return out
 
 
-def _find(summaries: Sequence[ScenarioSummary], scenario: str) -> ScenarioSummary | None:
-    return next((s for s in summaries if s.scenario == scenario), None)
+def _find(summaries: Sequence[ScenarioSummary], target: str) -> ScenarioSummary | None:
+    return next((s for s in summaries if s.target == target), None)
 
 
 def rps_ratio(
@@ -228,12 +280,13 @@ def cpu_difference(
 
 def paired_difference(records: Sequence[RunRecord], minuend: str, subtrahend: str) -> float | None:
     """Median over rounds of (`minuend` - `subtrahend`) proxy CPU µs/req, each pair from the same round
-    (adjacent runs, ABBA): less sensitive to a drift of the machine's load than a difference of medians."""
-    by_round: dict[int, dict[str, float]] = {}
+    (adjacent runs, ABBA) and scenario: less sensitive to a drift of the machine's load than a difference of
+    medians."""
+    by_round: dict[tuple[str, int], dict[str, float]] = {}
     for record in records:
         value = record.proxy_cpu_us_per_req
-        if value is not None and record.scenario in (minuend, subtrahend):
-            by_round.setdefault(record.index, {})[record.scenario] = value
+        if value is not None and record.target in (minuend, subtrahend):
+            by_round.setdefault((record.scenario, record.index), {})[record.target] = value
     pairs = [r[minuend] - r[subtrahend] for r in by_round.values() if minuend in r and subtrahend in r]
     return statistics.median(pairs) if pairs else None
 
@@ -255,22 +308,45 @@ def ratios(summaries: Sequence[ScenarioSummary]) -> dict[str, float | None]:
         "jwt_minus_proxy_user_per_req": cpu_difference(summaries, "jwt", "proxy", "user"),
         "jwt_minus_proxy_system_per_req": cpu_difference(summaries, "jwt", "proxy", "system"),
         "jwt_over_proxy_rps": rps_ratio(summaries, "jwt", "proxy"),
+        "uvgate_over_haproxy_cpu_per_req": cpu_ratio(summaries, "proxy", "haproxy", "total"),
+        "uvgate_over_caddy_cpu_per_req": cpu_ratio(summaries, "proxy", "caddy", "total"),
     }
+
+
+def by_scenario(summaries: Sequence[ScenarioSummary]) -> dict[str, list[ScenarioSummary]]:
+    """The summaries grouped by scenario, in order of first appearance."""
+    groups: dict[str, list[ScenarioSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.scenario, []).append(s)
+    return groups
+
+
+def ratios_by_scenario(summaries: Sequence[ScenarioSummary]) -> dict[str, dict[str, float | None]]:
+    """`ratios` within each scenario (figures are only compared within a scenario)."""
+    return {scenario: ratios(group) for scenario, group in by_scenario(summaries).items()}
 
 
 def _ratio(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _label(scenario: str, labels: Mapping[str, str] | None) -> str:
-    return (labels or {}).get(scenario, scenario)
+def _label(target: str, labels: Mapping[str, str] | None) -> str:
+    return (labels or {}).get(target, target)
 
 
 def format_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None) -> list[str]:
-    """The footer lines under the table; only ratios whose scenarios were both measured.
+    """The footer lines under the table, scenario by scenario (`<scenario>: ` before each line when there are
+    several); only ratios whose targets were both measured.
 
     proxy ÷ baseline gets three decimals and the change in percent: it is read against a 3 % bar.
     """
+    groups = by_scenario(summaries)
+    if len(groups) > 1:
+        return [f"{name}: {line}" for name, group in groups.items() for line in _scenario_ratios(group, labels)]
+    return _scenario_ratios(summaries, labels)
+
+
+def _scenario_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None) -> list[str]:
     r = ratios(summaries)
     lines = []
     if r["proxy_over_direct_rps"] is not None:
@@ -283,6 +359,9 @@ def format_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str
             f"(user {_ratio(r['uvgate_over_nginx_user_per_req'])}, "
             f"sys {_ratio(r['uvgate_over_nginx_system_per_req'])})"
         )
+    for peer in ("haproxy", "caddy"):
+        if r[f"uvgate_over_{peer}_cpu_per_req"] is not None:
+            lines.append(f"uvgate CPU µs/req ÷ {peer} CPU µs/req: {_ratio(r[f'uvgate_over_{peer}_cpu_per_req'])}")
     total = r["proxy_over_baseline_cpu_per_req"]
     if total is not None:
         lines.append(
@@ -312,7 +391,7 @@ def saturation_notes(
     fewer requests per event-loop turn, so comparing it with a saturated row overstates the gap.
     """
     return [
-        f"note: {_label(s.scenario, labels)} used {s.proxy_core_share:.0%} of a core: not saturated "
+        f"note: {s.scenario} {_label(s.target, labels)} used {s.proxy_core_share:.0%} of a core: not saturated "
         f"(held back by the load side or other work), so its CPU µs/req is not its cost at saturation"
         for s in summaries
         if s.proxy_core_share is not None and s.proxy_core_share < threshold
@@ -330,12 +409,17 @@ def _num(value: float | None, fmt: str) -> str:
 
 TABLE_HEADER = (
     "scenario",
+    "target",
     "runs",
     "RPS",
+    "±",
     "p50 µs",
     "p99 µs",
+    "±",
     "errors",
+    "429",
     "proxy CPU µs/req",
+    "±",
     "user µs/req",
     "sys µs/req",
     "proxy core %",
@@ -348,21 +432,33 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{share * 100:.0f}"
 
 
-def format_table(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None) -> str:
-    """The result table: one row per scenario, named by `labels` where given (e.g. `baseline@<hash>`).
+def _spread(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
 
-    proxy CPU is uvgate's in `proxy` (and the baseline commit's in `baseline`), nginx's in `nginx`;
-    the core columns are CPU seconds per second of the run, in percent of one core.
+
+def format_table(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None) -> str:
+    """The result table: one row per scenario and target, the target named by `labels` where given (e.g.
+    `baseline@<hash>`).
+
+    Figures are medians over the rounds; each `±` column is the spread of the figure before it (half the
+    range over the median). proxy CPU is the process tree of the target (uvgate's in `proxy` and `jwt`,
+    the baseline commit's in `baseline`, the peer's in `nginx`, `haproxy`, `caddy`); the core columns are
+    CPU seconds per second of the run, in percent of one core.
     """
     rows = [TABLE_HEADER] + [
         (
-            _label(s.scenario, labels),
+            s.scenario,
+            _label(s.target, labels),
             str(s.runs),
             f"{s.rps:,.0f}",
+            _spread(s.rps_spread),
             f"{s.p50_us:,.0f}",
             f"{s.p99_us:,.0f}",
+            _spread(s.p99_spread),
             str(s.errors),
+            str(s.rejected),
             _num(s.proxy_cpu_us_per_req, ".1f"),
+            _spread(s.cpu_spread),
             _num(s.proxy_user_us_per_req, ".1f"),
             _num(s.proxy_system_us_per_req, ".1f"),
             _percent(s.proxy_core_share),
@@ -374,7 +470,8 @@ def format_table(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -16,9 +16,10 @@ __all__ = [
     "BODY_LUA",
     "JWT_LUA",
     "REALISTIC_LUA",
+    "REJECTING_LUA",
     "REPORT_LUA",
-    "REQUEST_SCRIPTS",
     "WrkResult",
+    "affinity",
     "duration_seconds",
     "find_wrk",
     "parse_wrk_output",
@@ -34,16 +35,8 @@ BODY_LUA = REPORT_LUA.with_name("body.lua")
 """POST with a 16 KiB JSON body, then report.lua's report line."""
 JWT_LUA = REPORT_LUA.with_name("jwt.lua")
 """GET with a bearer token, cycling through a token file (script arguments: the file, then a Host value)."""
-HOST_LUA = REPORT_LUA.with_name("host.lua")
-"""wrk's plain GET with the Host value of the script argument (the bench's rate-limited route), if any."""
-REQUEST_SCRIPTS = {
-    "plain": REPORT_LUA,
-    "realistic": REALISTIC_LUA,
-    "body": BODY_LUA,
-    "jwt": JWT_LUA,
-    "limits": HOST_LUA,
-}
-"""`--request` choice -> the wrk script."""
+REJECTING_LUA = REPORT_LUA.with_name("rejecting.lua")
+"""wrk's plain GET, counting the answers with status 429 (report.lua's `rejected`, apart from errors)."""
 _MARKER = "WRK_JSON "
 _DURATION = re.compile(r"^(\d+)(s|m|h)?$")
 ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
@@ -62,6 +55,8 @@ class WrkResult:
     mean_us: float
     max_us: float
     errors: dict[str, int]
+    rejected: int = 0
+    """Answers with status 429, counted apart from `errors` (Locust, and wrk with rejecting.lua)."""
 
     @property
     def rps(self) -> float:
@@ -88,6 +83,7 @@ class WrkResult:
                 "max": self.max_us,
             },
             "errors": dict(self.errors),
+            "rejected_429": self.rejected,
         }
 
 
@@ -100,11 +96,20 @@ def duration_seconds(text: str) -> int:
 
 
 def parse_wrk_output(text: str) -> WrkResult:
-    """The result from wrk's stdout; ValueError if the report line is missing or malformed."""
+    """The result from wrk's stdout; ValueError if the report line is missing or malformed.
+
+    A script that counts 429s (rejecting.lua) adds `rejected` to the report line; wrk itself counts those
+    answers as status errors, so they are taken out of `errors["status"]`.
+    """
     for line in text.splitlines():
         if line.startswith(_MARKER):
             data = json.loads(line[len(_MARKER) :])
             latency = data["latency_us"]
+            rejected = int(data.get("rejected", 0))
+            errors = {kind: int(data["errors"][kind]) for kind in ERROR_KINDS}
+            if rejected > errors["status"]:
+                raise ValueError(f"{rejected} answers with 429 but only {errors['status']} status errors: {line}")
+            errors["status"] -= rejected
             return WrkResult(
                 requests=int(data["requests"]),
                 duration_s=int(data["duration_us"]) / 1e6,
@@ -114,7 +119,8 @@ def parse_wrk_output(text: str) -> WrkResult:
                 p999_us=float(latency["p999"]),
                 mean_us=float(latency["mean"]),
                 max_us=float(latency["max"]),
-                errors={kind: int(data["errors"][kind]) for kind in ERROR_KINDS},
+                errors=errors,
+                rejected=rejected,
             )
     raise ValueError(f"no {_MARKER.strip()} line in wrk output:\n{text}")
 
@@ -132,7 +138,8 @@ def wrk_version(wrk: str) -> str:
     return lines[0].strip() if lines else "unknown"
 
 
-def _affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+def affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    """A preexec function pinning the child to `cpus`; None for no pinning."""
     if not cpus:
         return None
     cpu_set = set(cpus)
@@ -167,7 +174,7 @@ def run_wrk(
         text=True,
         timeout=duration_seconds(duration) + 60,
         check=False,
-        preexec_fn=_affinity(cpus),
+        preexec_fn=affinity(cpus),
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")

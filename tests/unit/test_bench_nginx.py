@@ -35,6 +35,7 @@ from bench.report import (
     saturation_notes,
     summarize,
 )
+from bench.scenarios import SCENARIOS
 from bench.wrk_runner import BODY_LUA, REALISTIC_LUA, REPORT_LUA, WrkResult
 
 
@@ -184,28 +185,6 @@ def test_find_nginx_order(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- scenarios
 
 
-def test_plan_scenarios() -> None:
-    assert bench_main.SCENARIOS == ("direct", "nginx", "proxy")
-    assert bench_main.plan_scenarios("all", "/usr/sbin/nginx") == (("direct", "nginx", "proxy"), None)
-    assert bench_main.plan_scenarios("all", None) == (("direct", "proxy"), NGINX_MISSING)
-    assert bench_main.plan_scenarios("proxy", None) == (("proxy",), None)
-    assert bench_main.plan_scenarios("nginx", "/usr/sbin/nginx") == (("nginx",), None)
-    assert "apt-get install nginx" in NGINX_MISSING and "\n" not in NGINX_MISSING
-
-
-def test_plan_scenarios_with_baseline() -> None:
-    everything = ("direct", "nginx", "proxy", "baseline")
-    assert bench_main.plan_scenarios("all", "/usr/sbin/nginx", baseline=True) == (everything, None)
-    assert bench_main.plan_scenarios("all", None, baseline=True) == (("direct", "proxy", "baseline"), NGINX_MISSING)
-    assert bench_main.plan_scenarios("proxy", None, baseline=True) == (("proxy", "baseline"), None)
-
-
-def test_plan_scenarios_with_a_request_that_adds_a_scenario_after_the_proxy() -> None:
-    assert bench_main.plan_scenarios("all", None, jwt=True) == (("direct", "proxy", "jwt"), NGINX_MISSING)
-    assert bench_main.plan_scenarios("proxy", None, limits=True) == (("proxy", "limits"), None)
-    assert bench_main.plan_scenarios("direct", None, limits=True) == (("direct",), None)
-
-
 def test_round_order_alternates() -> None:
     scenarios = ("direct", "nginx", "proxy", "baseline")
     assert bench_main.round_order(scenarios, 0) == scenarios
@@ -218,14 +197,12 @@ def test_round_order_alternates() -> None:
 def test_scenario_choices_and_defaults() -> None:
     args = bench_main.build_parser().parse_args([])
     assert (args.scenario, args.runs, args.duration, args.connections, args.threads) == ("all", 3, "10s", 50, 1)
-    assert (args.baseline, args.backend, args.request) == (None, None, "plain")
-    for choice in ("direct", "nginx", "proxy", "all"):
-        assert bench_main.build_parser().parse_args(["--scenario", choice]).scenario == choice
+    assert (args.baseline, args.backend, args.request, args.target, args.tool) == (None, None, None, "all", "wrk")
     args = bench_main.build_parser().parse_args(["--baseline", "HEAD~1", "--backend", "stub", "--request", "realistic"])
     assert (args.baseline, args.backend, args.request) == ("HEAD~1", "stub", "realistic")
 
 
-@pytest.mark.parametrize("argv", [["--backend", "apache"], ["--request", "huge"], ["--scenario", "baseline"]])
+@pytest.mark.parametrize("argv", [["--backend", "apache"], ["--tool", "ab"]])
 def test_bad_choices_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bench_main.build_parser().parse_args(argv)
@@ -233,14 +210,16 @@ def test_bad_choices_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str])
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_request_scripts() -> None:
-    assert {
+def test_scenario_scripts() -> None:
+    assert {name: s.script for name, s in SCENARIOS.items()} == {
         "plain": REPORT_LUA,
         "realistic": REALISTIC_LUA,
-        "body": BODY_LUA,
         "jwt": REPORT_LUA.with_name("jwt.lua"),
-        "limits": REPORT_LUA.with_name("host.lua"),
-    } == bench_main.REQUEST_SCRIPTS
+        "limited": REPORT_LUA.with_name("jwt.lua"),
+        "rejecting": REPORT_LUA.with_name("rejecting.lua"),
+        "body": BODY_LUA,
+        "workers": REPORT_LUA,
+    }
 
 
 def test_choose_backend() -> None:
@@ -266,17 +245,19 @@ def test_nginx_required_but_missing_exits_2(
     monkeypatch.setattr(bench_main, "find_nginx", lambda: None)
     monkeypatch.setattr(bench_main, "run", no_run)
     assert bench_main.main(argv) == 2
-    assert capsys.readouterr().err.strip() == message
+    assert capsys.readouterr().err.strip().removeprefix("bench: ") == message
     assert "apt-get install nginx" in message
 
 
 def test_main_passes_the_chosen_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str | None, str]] = []
 
-    def fake_run(args: object, wrk: str, nginx: str | None, backend: str) -> int:
-        seen.append((nginx, backend))
+    def fake_run(args: object, plan: bench_main.Plan, wrk: str, backend: str) -> int:
+        seen.append((plan.binaries.get("nginx"), backend))
         return 0
 
+    monkeypatch.setattr(bench_main, "find_peer", lambda spec: None)
+    monkeypatch.setattr(bench_main, "nginx_version", lambda binary: "nginx version: nginx/1.22.1")
     monkeypatch.setattr(bench_main, "find_wrk", lambda: "/usr/bin/wrk")
     monkeypatch.setattr(bench_main, "run", fake_run)
     monkeypatch.setattr(bench_main, "find_nginx", lambda: None)
@@ -329,7 +310,8 @@ def test_run_record_cpu_split() -> None:
 
 def test_ratios_of_medians() -> None:
     summaries = summarize(_records())
-    assert [s.scenario for s in summaries] == ["direct", "nginx", "proxy"]
+    assert [s.target for s in summaries] == ["direct", "nginx", "proxy"]
+    assert {s.scenario for s in summaries} == {"plain"}
     direct, nginx, proxy = summaries
     assert (nginx.proxy_cpu_us_per_req, nginx.proxy_user_us_per_req, nginx.proxy_system_us_per_req) == pytest.approx(
         (40.0, 10.0, 30.0)
@@ -358,21 +340,26 @@ def test_format_ratios() -> None:
         "nginx RPS / direct RPS: 0.82",
         "uvgate CPU µs/req ÷ nginx CPU µs/req: 2.50 (user 7.00, sys 1.00)",
     ]
-    without_nginx = [s for s in summaries if s.scenario != "nginx"]
+    without_nginx = [s for s in summaries if s.target != "nginx"]
     assert format_ratios(without_nginx) == ["proxy RPS / direct RPS: 0.50"]
-    assert format_ratios([s for s in summaries if s.scenario == "direct"]) == []
+    assert format_ratios([s for s in summaries if s.target == "direct"]) == []
 
 
 def test_format_table_with_nginx_and_cpu_split() -> None:
     lines = format_table(summarize(_records())).splitlines()
     assert re.split(r"\s{2,}", lines[0]) == [
         "scenario",
+        "target",
         "runs",
         "RPS",
+        "±",
         "p50 µs",
         "p99 µs",
+        "±",
         "errors",
+        "429",
         "proxy CPU µs/req",
+        "±",
         "user µs/req",
         "sys µs/req",
         "proxy core %",
@@ -380,10 +367,14 @@ def test_format_table_with_nginx_and_cpu_split() -> None:
         "backend core %",
     ]
     assert set(lines[1]) == {"-", " "}
-    assert [line.split()[0] for line in lines[2:]] == ["direct", "nginx", "proxy"]
-    assert lines[2].split()[6:] == ["-", "-", "-", "-", "20.0", "2"]
-    assert lines[3].split()[1:] == ["3", "900", "100", "200", "0", "40.0", "10.0", "30.0", "4", "25.0", "2"]
-    assert lines[4].split()[6:10] == ["100.0", "70.0", "30.0", "6"]
+    assert [line.split()[:2] for line in lines[2:]] == [["plain", "direct"], ["plain", "nginx"], ["plain", "proxy"]]
+    assert lines[2].split()[10:] == ["-", "-", "-", "-", "-", "20.0", "2"]
+    # nginx: RPS 800/900/1000 (±11 %), p99 200 each, CPU 40/40/40 µs/req
+    assert lines[3].split()[2:] == [
+        *("3", "900", "11%", "100", "200", "0%", "0", "0"),
+        *("40.0", "0%", "10.0", "30.0", "4", "25.0", "2"),
+    ]
+    assert lines[4].split()[10:15] == ["100.0", "10%", "70.0", "30.0", "6"]
     assert len({len(line) for line in lines}) == 1, "columns are aligned"
 
 
@@ -415,7 +406,7 @@ def test_core_shares() -> None:
 
 def test_proxy_over_baseline_ratios() -> None:
     summaries = summarize(_with_baseline())
-    assert [s.scenario for s in summaries] == ["direct", "nginx", "proxy", "baseline"]
+    assert [s.target for s in summaries] == ["direct", "nginx", "proxy", "baseline"]
     baseline = summaries[-1]
     assert (baseline.proxy_cpu_us_per_req, baseline.proxy_user_us_per_req) == pytest.approx((88.0, 61.6))
     values = ratios(summaries)
@@ -433,14 +424,17 @@ def test_format_ratios_with_baseline() -> None:
     assert lines[:3] == format_ratios(summarize(_records()))
     assert lines[3] == ("proxy ÷ baseline@abc1234 CPU µs/req: 1.136 (+13.6 %) (user 1.136, sys 1.136); RPS 0.846")
     assert format_ratios(summarize(_with_baseline()))[3].startswith("proxy ÷ baseline CPU µs/req: 1.136")
-    only = [s for s in summarize(_with_baseline()) if s.scenario in ("proxy", "baseline")]
+    only = [s for s in summarize(_with_baseline()) if s.target in ("proxy", "baseline")]
     assert format_ratios(only, labels) == [lines[3]]
 
 
 def test_format_table_labels_the_baseline() -> None:
     lines = format_table(summarize(_with_baseline()), {"baseline": "baseline@abc1234"}).splitlines()
-    assert [line.split()[0] for line in lines[2:]] == ["direct", "nginx", "proxy", "baseline@abc1234"]
-    assert lines[5].split()[1:10] == ["3", "650", "100", "200", "0", "88.0", "61.6", "26.4", "6"]
+    assert [line.split()[1] for line in lines[2:]] == ["direct", "nginx", "proxy", "baseline@abc1234"]
+    assert lines[5].split()[2:15] == [
+        *("3", "650", "8%", "100", "200", "0%", "0", "0"),
+        *("88.0", "9%", "61.6", "26.4", "6"),
+    ]
     assert len({len(line) for line in lines}) == 1, "columns are aligned"
 
 
@@ -451,9 +445,9 @@ def test_saturation_notes() -> None:
     summaries = summarize([RunRecord("direct", 0, _result(1000), None, 0.9), row("nginx", 0.62), row("proxy", 0.95)])
     summaries += summarize([row("baseline", 0.5)])
     assert saturation_notes(summaries, {"baseline": "baseline@abc1234"}) == [
-        "note: nginx used 62% of a core: not saturated (held back by the load side or other work), "
+        "note: plain nginx used 62% of a core: not saturated (held back by the load side or other work), "
         "so its CPU µs/req is not its cost at saturation",
-        "note: baseline@abc1234 used 50% of a core: not saturated (held back by the load side or other work), "
+        "note: plain baseline@abc1234 used 50% of a core: not saturated (held back by the load side or other work), "
         "so its CPU µs/req is not its cost at saturation",
     ]
     assert saturation_notes(summaries, threshold=0.4) == []

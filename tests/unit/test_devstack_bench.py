@@ -108,7 +108,7 @@ def test_summarize_medians_and_ratio() -> None:
         RunRecord("proxy", 2, _result(500, 110, errors=2), CpuTimes(0.020, 0.005), 0.005),
     ]
     direct, proxy = summarize(records)
-    assert (direct.scenario, direct.runs, direct.rps, direct.p50_us) == ("direct", 3, 1100, 45)
+    assert (direct.target, direct.runs, direct.rps, direct.p50_us) == ("direct", 3, 1100, 45)
     assert direct.proxy_cpu_us_per_req is None
     assert direct.backend_cpu_us_per_req == pytest.approx(10.0)
     assert (proxy.rps, proxy.errors) == (500, 3)
@@ -118,10 +118,10 @@ def test_summarize_medians_and_ratio() -> None:
     assert rps_ratio([direct, proxy]) == pytest.approx(500 / 1100)
     assert rps_ratio([proxy]) is None
     table = format_table([direct, proxy]).splitlines()
-    assert table[0].split()[:3] == ["scenario", "runs", "RPS"]
-    assert table[2].split()[:3] == ["direct", "3", "1,100"] and table[2].split()[6] == "-"
-    assert table[2].split()[6:] == ["-", "-", "-", "-", "10.0", "1"]
-    assert table[3].split()[6:] == ["50.0", "37.5", "12.5", "2", "10.0", "0"]
+    assert table[0].split()[:4] == ["scenario", "target", "runs", "RPS"]
+    assert table[2].split()[:4] == ["plain", "direct", "3", "1,100"]
+    assert table[2].split()[10:] == ["-", "-", "-", "-", "-", "10.0", "1"]
+    assert table[3].split()[8:] == ["3", "0", "50.0", "0%", "37.5", "12.5", "2", "10.0", "0"]
     assert len({len(line) for line in table}) == 1, "columns are aligned"
 
 
