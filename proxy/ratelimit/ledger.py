@@ -17,8 +17,9 @@ given: one waiting request per round trip reserves its increment instead (`reser
 pending, sent at once); Redis applies this worker's increments of a batch together, the reservation
 last, so the total it answers says whether the reservation fit under the limit: if so a request is
 admitted from `prepaid`, else the view is at the limit and the waiting requests are refused. The last
-requests of a window are decided by Redis itself, and a subject's sequential requests get exactly the
-limit whatever the number of workers.
+requests of a window are decided by Redis itself: a subject's sequential requests slower than one per
+sync interval get exactly the limit whatever the number of workers (faster ones may also be admitted
+from a share another worker's spending has made stale: the README's bound).
 
 A share is good for `share_ttl` seconds after its reply: an entry idle longer learns again before it
 admits (a subject never seen also learns first). At a window edge an entry rolls over: what it had

@@ -43,6 +43,16 @@ def limited(
     }
 
 
+def within_bar(admitted: int, limit: int) -> bool:
+    """The issue's accuracy bar (bench.accuracy's): limit <= admitted <= 1.01 x limit + 4 in a window.
+
+    Sequential requests over 2 workers mostly get the limit or one more, but they come at r x I above 1
+    here, and a share a worker computed before the other one's spending can admit a few more when round
+    trips slow down (the README's bound: (W - 1) / (2W) x r x (I + RTT)): 22 and 23 of 20 were seen on a
+    loaded machine."""
+    return limit <= admitted <= OVER * limit + SLACK
+
+
 def fresh_window() -> None:
     """Wait (bounded) until at least 30 s are left in the current 1 h window: counts cannot reset mid-test."""
     left = WINDOW - time.time() % WINDOW
@@ -68,7 +78,7 @@ def test_a_global_limit_holds_across_workers_and_answers_429_with_headers(
     statuses = [status for status, _ in answers]
     admitted = statuses.count(200)
     # Sequential requests over 2 workers: each spends at most its share of what it last learned.
-    assert limit <= admitted <= limit + workers - 1 and statuses.count(429) == 16 - admitted, statuses
+    assert within_bar(admitted, limit) and statuses.count(429) == 16 - admitted, statuses
     status, headers = next(answer for answer in reversed(answers) if answer[0] != 200)
     assert status == 429 and headers["retry-after"].isdigit() and int(headers["retry-after"]) >= 1
     assert headers["ratelimit-policy"] == '"per_key";q=10;w=3600'
@@ -153,9 +163,10 @@ def test_global_limiting_resumes_after_a_redis_restart_without_a_proxy_restart(
     workers, limit = 2, 20
     config = limited(own_redis.url, limit)
     proxy = proxy_factory(config, workers=workers)
-    statuses = [get(proxy.port)[0] for _ in range(limit + 5)]
+    statuses = [get(proxy.port)[0] for _ in range(limit + 8)]
     # (a worker may still hold a share after the other one refused: a 200 may follow a 429, within the bound)
-    assert limit <= statuses.count(200) <= limit + workers - 1 and statuses.count(429) >= 5 - (workers - 1)
+    admitted = statuses.count(200)
+    assert within_bar(admitted, limit) and statuses.count(429) == len(statuses) - admitted, statuses
     own_redis.kill()
     # Open: the global limit of a subject the workers must learn about is off while Redis is down.
     wait_until(lambda: get(proxy.port, "/echo")[0] == 200, 5.0, "/echo served while Redis is down", proxy)
@@ -173,7 +184,9 @@ def test_global_limiting_resumes_after_a_redis_restart_without_a_proxy_restart(
         window = int(time.time() // WINDOW)
         key = f"{config['redis']['key_prefix']}{{/echo|per_key|127.0.0.1}}:{window}"
         wait_until(lambda: int(store.get(key) or 0) >= limit, 5.0, "the /echo count synced after the restart", proxy)
-        assert limit <= int(store.get(key) or 0) <= limit + workers - 1
+        # Counted since the restart: at least the limit (a 429 came from the global view), at most one
+        # increment per request made since (refused tail reservations stay counted in Redis).
+        assert limit <= int(store.get(key) or 0) <= len(seen)
     finally:
         store.close()
 
@@ -186,18 +199,25 @@ def test_a_three_node_redis_cluster_enforces_one_limit(
     config = limited(redis_cluster.url, limit)
     config["redis"]["cluster"] = True
     proxy = proxy_factory(config, workers=workers)
-    for target in ("/api/resource", "/echo"):  # two keys, hashed to (most likely) different nodes
-        statuses = [get(proxy.port, target)[0] for _ in range(limit + 4)]
-        admitted = len(statuses) - statuses.count(429)
-        assert limit <= admitted <= limit + workers - 1 and statuses.count(429) >= 4 - (workers - 1), statuses
+    admitted: dict[str, int] = {}
+    for route, target in (("/api/", "/api/resource"), ("/echo", "/echo")):  # two keys, (most likely) two nodes
+        statuses = [get(proxy.port, target)[0] for _ in range(limit + 8)]
+        admitted[route] = statuses.count(200)
+        assert within_bar(admitted[route], limit) and statuses.count(429) == len(statuses) - admitted[route], (
+            statuses,
+            proxy.read_log()[-3000:],
+        )
     store = redis.RedisCluster.from_url(redis_cluster.url)
     try:
         window = int(time.time() // WINDOW)
         prefix = config["redis"]["key_prefix"]
         for route in ("/api/", "/echo"):
             key = f"{prefix}{{{route}|per_key|127.0.0.1}}:{window}"
-            wait_until(lambda key=key: int(store.get(key) or 0) >= limit, 5.0, f"{key} synced", proxy)
-            assert int(store.get(key) or 0) <= limit + workers - 1
+            wait_until(lambda key=key, n=admitted[route]: int(store.get(key) or 0) >= n, 5.0, f"{key} synced", proxy)
+            # Every admitted request is counted on its node; beyond them, Redis also holds the tail
+            # reservations it refused (ledger.reserve: an increment Redis applied, then found over the
+            # limit), at most one per request made.
+            assert admitted[route] <= int(store.get(key) or 0) <= limit + 8
     finally:
         store.close()
 
@@ -238,9 +258,9 @@ def test_a_sentinel_url_finds_the_master_and_the_limit_holds_there(
     workers, limit = 2, 10
     config = limited(redis_sentinel.url, limit)
     proxy = proxy_factory(config, workers=workers)
-    statuses = [get(proxy.port)[0] for _ in range(limit + 4)]
+    statuses = [get(proxy.port)[0] for _ in range(limit + 8)]
     admitted = statuses.count(200)
-    assert limit <= admitted <= limit + workers - 1 and statuses.count(429) == len(statuses) - admitted, statuses
+    assert within_bar(admitted, limit) and statuses.count(429) == len(statuses) - admitted, statuses
     store = redis.Redis.from_url(own_redis.url)  # the master itself
     try:
         key = f"{config['redis']['key_prefix']}{{/api/|per_key|127.0.0.1}}:{int(time.time() // WINDOW)}"
@@ -261,6 +281,6 @@ def test_counts_hold_across_a_reload(
     proxy.send_signal(signal.SIGHUP)
     wait_for_log(proxy, r"generation 2 serving; draining 2 old workers")
     wait_until(lambda: not set(proxy.children()) & old, 15.0, "the old generation gone", proxy)
-    after = [get(proxy.port)[0] for _ in range(12)]
+    after = [get(proxy.port)[0] for _ in range(16)]
     admitted = 12 + after.count(200)
-    assert limit <= admitted <= limit + workers - 1, after
+    assert within_bar(admitted, limit) and after.count(429) == 16 - after.count(200), after
