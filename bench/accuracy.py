@@ -290,7 +290,7 @@ def simulate(
 
     def send(worker: int, now: float) -> None:
         busy[worker] = True
-        batch = naives[worker].take_batch() if naive else books[worker].take_batch()
+        batch = naives[worker].take_batch() if naive else books[worker].take_batch(now)
         push(now + rtt / 2, "redis", worker, batch)
 
     def count(now: float) -> None:

@@ -21,16 +21,24 @@ requests of a window are decided by Redis itself: a subject's sequential request
 sync interval get exactly the limit whatever the number of workers (faster ones may also be admitted
 from a share another worker's spending has made stale: the README's bound).
 
-A share is good for `share_ttl` seconds after its reply: an entry idle longer learns again before it
-admits (a subject never seen also learns first). At a window edge an entry rolls over: what it had
-not sent goes in the next batch under the old window's key, and the new window starts known at zero
-if the edge is less than `share_ttl` ago (every worker's share of a fresh window comes from the full
-limit), else it learns first.
+A share is good for its *life* after its reply: how long the remaining budget lasts at the subject's
+global rate (its count over the part of the window gone, or the window before's rate if higher), over
+`LIFE_MARGIN`, never less than `share_ttl` nor more than a window. An entry idle longer learns again
+before it admits (a subject never seen also learns first): a stale share could admit what the other
+workers spent meanwhile. Near the limit a life is `share_ttl`; far from it, a whole window. Pending
+increments go in the next batch once half the life (less `share_ttl`) has passed since the reply, or
+at once when half the share is spent (an early sync, so that the share is renewed before it runs out):
+so a busy subject near its limit is sent every sync, and one far from it about twice per life, which
+is what keeps sparse subjects (many subjects, few requests each) from costing a command per request. At
+a window edge an entry rolls over: what it had not sent goes in the next batch under the old window's
+key, and the new window starts known at zero if the edge is less than a life (from the window before's
+rate) ago (every worker's share of a fresh window comes from the full limit), else it learns first.
 
 `take_batch` hands the sync the increments to send (moving them from pending to in flight), `apply`
 takes the totals Redis answered, `failed` forgets a batch that got no answer (its increments are not
-sent again: Redis may have applied them). `sweep` drops entries of past windows that hold nothing to
-send, and the table never holds more than `max_entries` (the oldest quarter goes when it is full).
+sent again: Redis may have applied them). `sweep` drops entries older than the window before the current one that hold
+nothing to send (the window before's rate makes the next window's life), and the table never holds
+more than `max_entries` (the oldest quarter goes when it is full).
 Nothing here reads a clock or does I/O: times are Unix seconds given by the caller.
 """
 
@@ -50,6 +58,7 @@ LEARN: Final = 2  # not known well enough (new subject, stale share, share spent
 MAX_WORKERS: Final = 64.0  # the largest worker-count estimate (the smallest share is remaining / 64)
 _SMOOTHING: Final = 0.5  # weight of the past in the rate estimates
 SPREAD: Final = 2.0  # a share is the remaining budget over SPREAD x the workers: half a fair share
+LIFE_MARGIN: Final = 4.0  # a share lives a quarter of the time the remaining budget lasts at the seen rate
 
 
 def _nothing() -> None:
@@ -60,8 +69,11 @@ class Entry:
     """One subject's view of its global count in the current window."""
 
     __slots__ = (
+        "asked",
         "expiry_set",
+        "flush_at",
         "fresh_until",
+        "granted",
         "grown",
         "inflight",
         "known",
@@ -71,6 +83,7 @@ class Entry:
         "prepaid",
         "previous",
         "queued",
+        "rate",
         "reserved",
         "reserving",
         "share",
@@ -93,8 +106,12 @@ class Entry:
         self.reserving = 0  # reservations sent, not answered yet
         self.prepaid = 0  # reservations Redis answered within the limit, not yet taken by a request
         self.known = False  # `learned` was answered for `window` (or the window is fresh)
-        self.fresh_until = 0.0  # the share is good until this Unix time
-        self.queued = False  # in the ledger's queue for the next batch
+        self.fresh_until = 0.0  # the share is good until this Unix time (its life after its reply)
+        self.flush_at = 0.0  # pending increments are sent by the first batch from this Unix time
+        self.granted = 0  # the share given at the last reply (half of it spent: an early sync)
+        self.rate = 0.0  # the subject's global requests per second, as seen at the last reply
+        self.queued = False  # in the ledger's queue (something to send, now or at `flush_at`)
+        self.asked = False  # to be sent in the next batch whatever `flush_at` says (learn, share low)
         self.expiry_set = False  # this worker sent the key's expiry for `window`
         self.workers = workers  # estimated workers spending on this subject
         self.own = 0.0  # smoothed increments of this worker per reply
@@ -224,7 +241,9 @@ class Ledger:
         if not entry.queued:
             entry.queued = True
             self.queue.append(entry)
-        if entry.share <= 0:
+        if entry.share * 2 <= entry.granted and not entry.asked:
+            # Half the share is spent: renew it before it runs out (requests would wait).
+            entry.asked = True
             self._urge()
 
     def reserve(self) -> None:
@@ -267,12 +286,16 @@ class Ledger:
         edge = window * self.length
         # A window that began less than a share's life ago is known: nobody can have spent more of it
         # than the shares of a fresh window give.
-        entry.known = wall - edge < self.share_ttl
+        rate = entry.previous / self.length if window == old + 1 else 0.0
+        if rate > entry.rate:
+            entry.rate = rate
+        life = self._life(self.limit, entry.rate)
+        entry.known = wall - edge < life
         if entry.known:
-            entry.fresh_until = edge + self.share_ttl
-            entry.share = self._share(entry, wall)
+            self._grant(entry, edge, life, wall)
 
     def _ask(self, entry: Entry) -> None:
+        entry.asked = True
         if not entry.queued:
             entry.queued = True
             self.queue.append(entry)
@@ -282,6 +305,26 @@ class Ledger:
         if not self.urgent:
             self.urgent = True
             self.on_urgent()
+
+    def _life(self, remaining: float, rate: float) -> float:
+        """How long a share computed with `remaining` left is good at `rate` requests per second in all."""
+        life = self.length
+        if rate > 0.0:
+            life = remaining / (LIFE_MARGIN * rate)
+            if life > self.length:
+                life = self.length
+        return life if life > self.share_ttl else self.share_ttl
+
+    def _grant(self, entry: Entry, since: float, life: float, wall: float) -> None:
+        """A new share for `entry`, good for `life` from `since` (its pending sent from half the life on)."""
+        entry.fresh_until = since + life
+        # Sent a round trip's budget before the share goes stale (so that its renewal lands in time); a
+        # share good to the end of the window is sent at its end (the window before's count makes the
+        # next one's rate).
+        end = (entry.window + 1) * self.length
+        entry.flush_at = since + life - self.share_ttl if since + life < end else end
+        entry.share = self._share(entry, wall)
+        entry.granted = entry.share
 
     def _share(self, entry: Entry, wall: float) -> int:
         count = entry.learned + entry.inflight + entry.pending
@@ -299,8 +342,9 @@ class Ledger:
         return share
 
     def sweep(self, wall: float) -> int:
-        """Drop entries of past windows with nothing to send or in flight; how many were dropped."""
-        window = window_of(wall, self.length)
+        """Drop entries older than the window before the current one with nothing to send or in flight
+        (an entry of the window before keeps its rate for the next window's life); how many were dropped."""
+        window = window_of(wall, self.length) - 1
         stale = [
             subject
             for subject, entry in self.entries.items()
@@ -328,13 +372,22 @@ class Ledger:
 
     # ------------------------------------------------------------------ sync (slow path)
 
-    def take_batch(self) -> list[Sent]:
-        """The increments to send now (pending -> in flight), and the entries that want to learn their
-        count (sent with 0). Clears the early-sync request."""
+    def take_batch(self, wall: float) -> list[Sent]:
+        """The increments to send at Unix time `wall` (pending -> in flight: those asked for and those
+        whose `flush_at` has come), and the entries that want to learn their count (sent with 0). Clears
+        the early-sync request."""
         batch = self.carry
         self.carry = []
+        kept: list[Entry] = []
         for entry in self.queue:
+            if not entry.asked and not entry.pending:
+                entry.queued = False  # what it had went with a window edge (`carry`)
+                continue
+            if not entry.asked and wall < entry.flush_at:
+                kept.append(entry)  # far from its limit: sent later, with what else it admits meanwhile
+                continue
             entry.queued = False
+            entry.asked = False
             count = entry.pending
             entry.pending = 0
             entry.inflight += count
@@ -342,7 +395,7 @@ class Ledger:
             entry.reserving += entry.reserved
             entry.reserved = 0
             entry.expiry_set = True
-        self.queue.clear()
+        self.queue = kept
         self.urgent = False
         return batch
 
@@ -382,8 +435,16 @@ class Ledger:
                 if fits > 0:
                     entry.prepaid += fits
             entry.known = True
-            entry.fresh_until = wall + self.share_ttl
-            entry.share = self._share(entry, wall)
+            # The subject's global rate: its count over the part of the window gone (at least a share's
+            # minimal life of it), or the window before's, whichever is higher.
+            fraction = elapsed_fraction(wall, self.length, entry.window)
+            gone = fraction * self.length
+            rate = total / (gone if gone > self.share_ttl else self.share_ttl)
+            before = entry.previous / self.length
+            entry.rate = rate if rate > before else before
+            count = total + entry.inflight + entry.pending
+            remaining = self.limit - used(entry.previous, count, fraction, self.sliding)
+            self._grant(entry, wall, self._life(remaining, entry.rate), wall)
 
     def failed(self, batch: list[Sent]) -> None:
         """`batch` got no answer: its in-flight increments are dropped (not sent again), its entries learn again."""

@@ -167,7 +167,8 @@ class RedisSync:
 
     async def round_trip(self) -> bool:
         """One sync: True when Redis answered (or there was nothing to send while healthy)."""
-        batches = [book.ledger.take_batch() for book in self.books]
+        wall = time.time()
+        batches = [book.ledger.take_batch(wall) for book in self.books]
         if not any(batches) and self.health.up and time.monotonic() - self._answered < PROBE_EVERY:
             return True
         started = time.perf_counter()

@@ -33,7 +33,7 @@ class Counter:
 
 
 def sync(book: Ledger, counter: Counter, wall: float) -> list[Sent]:
-    batch = book.take_batch()
+    batch = book.take_batch(wall)
     totals, previous = counter.run(batch)
     book.apply(batch, totals, previous if book.sliding else None, wall)
     return batch
@@ -50,7 +50,9 @@ def test_a_new_subject_learns_first_then_admits_its_share_and_asks_early_when_it
     for _ in range(12):
         assert book.peek(b"k", 10.001) == ADMIT
         book.commit()
-    assert urged == [1, 1], "the last of the share asks for an early sync"
+        if _ == 5:
+            assert urged == [1, 1], "half the share spent asks for an early sync (renewed before it runs out)"
+    assert urged == [1, 1], "asked once"
     assert book.remaining() == 88
     assert book.peek(b"k", 10.001) == LEARN
     batch = sync(book, counter, 10.002)
@@ -111,13 +113,56 @@ def test_in_the_tail_redis_decides_each_request_so_two_workers_never_overshoot()
     assert counter.counts[(b"k", 10)] == 11, "the refused reservation stays counted (never admitted)"
 
 
-def test_a_stale_share_learns_again_before_admitting() -> None:
+def test_a_share_lives_as_long_as_the_remaining_budget_lasts_at_the_rate_seen_then_learns_again() -> None:
     book = ledger(limit=100, workers=1, share_ttl=0.05)
     counter = Counter()
     book.peek(b"k", 10.0)
     sync(book, counter, 10.0)
-    assert book.peek(b"k", 10.04) == ADMIT
-    assert book.peek(b"k", 10.06) == LEARN
+    entry = book.entries[b"k"]
+    assert entry.fresh_until == pytest.approx(11.0), "nothing seen spent: good for the window"
+    for _ in range(50):  # 50 in the first half of the window: 100 per second
+        assert book.peek(b"k", 10.5) == ADMIT
+        book.commit()
+    sync(book, counter, 10.5)
+    # 50 left at 100/s lasts 0.5 s; a share lives a quarter of that (LIFE_MARGIN), sent a round trip
+    # budget (share_ttl) before it goes stale.
+    assert entry.rate == pytest.approx(100.0)
+    assert entry.fresh_until == pytest.approx(10.625) and entry.flush_at == pytest.approx(10.575)
+    assert book.peek(b"k", 10.62) == ADMIT
+    book.commit()
+    assert book.take_batch(10.57) == [], "not yet: far enough from the limit to wait"
+    assert [s.count for s in book.take_batch(10.58)] == [1]
+    assert book.peek(b"k", 10.63) == LEARN, "stale: the others may have spent it meanwhile"
+
+
+def test_near_the_limit_a_share_lives_share_ttl_and_is_sent_every_sync() -> None:
+    book = ledger(limit=100, workers=1, share_ttl=0.05)
+    counter = Counter()
+    admit_all(book, counter, 90, 10.5)
+    sync(book, counter, 10.5)
+    entry = book.entries[b"k"]
+    assert entry.fresh_until == pytest.approx(10.55) and entry.flush_at == pytest.approx(10.5)
+    assert book.peek(b"k", 10.51) == ADMIT
+    book.commit()
+    assert [s.count for s in book.take_batch(10.51)] == [1]
+
+
+def test_a_sparse_subject_far_from_its_limit_costs_one_increment_per_window_and_never_waits() -> None:
+    """Many subjects at a few requests each per window: no learning past the first, one key per window."""
+    book = ledger(limit=1_000_000, workers=1, share_ttl=0.07)
+    counter = Counter()
+    assert book.peek(b"k", 10.0) == LEARN
+    sync(book, counter, 10.0)
+    sent: list[tuple[int, int]] = []
+    wall = 10.0
+    for _ in range(45):  # 15 requests per second for 3 windows, a sync every 10 ms in between
+        wall += 1 / 15
+        assert book.peek(b"k", wall) == ADMIT, wall
+        book.commit()
+        for tick in range(6):
+            batch = sync(book, counter, wall + tick * 0.01)
+            sent += [(s.window, s.count) for s in batch if s.count]
+    assert sent == [(10, 15), (11, 15), (12, 15)], "one increment per window, at its end or edge"
 
 
 def test_an_edge_carries_unsent_increments_to_the_old_key_and_the_sliding_previous_count() -> None:
@@ -169,13 +214,16 @@ def test_a_failed_batch_is_dropped_not_resent_and_the_entry_learns_again() -> No
     for _ in range(5):
         book.peek(b"k", 10.01)
         book.commit()
-    batch = book.take_batch()
+    batch = book.take_batch(10.01)
+    assert book.entries[b"k"].inflight == 0, "far from the limit: sent later"
+    book.entries[b"k"].flush_at = 0.0
+    batch = book.take_batch(10.01)
     assert book.entries[b"k"].inflight == 5
     book.failed(batch)
     entry = book.entries[b"k"]
     assert entry.inflight == 0 and entry.pending == 0
     assert book.peek(b"k", 10.02) == LEARN
-    assert [s.count for s in book.take_batch()] == [0]
+    assert [s.count for s in book.take_batch(10.02)] == [0]
 
 
 def test_sweep_and_the_bound_on_entries_never_lose_unsent_increments() -> None:
@@ -188,11 +236,15 @@ def test_sweep_and_the_bound_on_entries_never_lose_unsent_increments() -> None:
         book.commit()
     book.peek(b"new", 10.2)  # full, all current: the oldest quarter goes, their counts carried
     assert len(book) == 7 and book.evicted == 2
-    batch = book.take_batch()
+    batch = book.take_batch(10.2)
     assert sorted((s.subject, s.count) for s in batch if s.entry is None) == [(b"s0", 1), (b"s1", 1)]
     totals, _ = Counter().run(batch)
     book.apply(batch, totals, None, 10.3)
-    assert len(book) == 7 and book.sweep(11.5) == 7, "entries of a past window with nothing to send go"
+    assert book.sweep(11.5) == 0, "the window before stays: its rate makes the next window's share life"
+    for entry in book.entries.values():
+        entry.queued = False  # their pending (sent at the window's end) is not the point here
+        entry.pending = 0
+    assert len(book) == 7 and book.sweep(12.5) == 7, "older entries with nothing to send go"
     assert len(book) == 0
 
 
