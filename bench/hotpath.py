@@ -25,6 +25,7 @@ from proxy.exchange import Exchange
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import UpstreamConnection
 from proxy.upstream.pool import Cluster, ServerPool
@@ -112,18 +113,28 @@ class ConnectTask:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200_000, help="requests per timed round (default 200000)")
-    parser.add_argument("--shape", choices=("plain", "realistic"), default="plain")
+    parser.add_argument(
+        "--shape",
+        choices=("plain", "realistic", "limited"),
+        default="plain",
+        help="limited: plain on a route with a local and a global limit that never reject (the Redis sync left"
+        " out: its share is learned once, before the rounds)",
+    )
     parser.add_argument("--warmup", type=int, default=200, help="requests before the timed rounds (default 200)")
     args = parser.parse_args()
-    config = build(
-        {
-            "server": {"access_log": False},
-            "upstreams": {"b": {"servers": ["127.0.0.1:1"]}},
-            "routes": [{"prefix": "/api/", "upstream": "b"}],
-            "metrics": {"enabled": False},
-        }
-    )
+    raw: dict[str, Any] = {
+        "server": {"access_log": False},
+        "upstreams": {"b": {"servers": ["127.0.0.1:1"]}},
+        "routes": [{"prefix": "/api/", "upstream": "b"}],
+        "metrics": {"enabled": False},
+    }
+    if args.shape == "limited":
+        raw["redis"] = {"url": "redis://127.0.0.1:1/0"}
+        raw["limits"] = {"bench": {"local_rate": 1e9, "local_burst": 1_000_000, "global_limit": 10**9, "window": "1h"}}
+        raw["routes"][0]["limits"] = ["bench"]
+    config = build(raw)
     state = WorkerState(Loop(), config)  # type: ignore[arg-type]
+    limits = LimitServices(config, state)
     conns: list[UpstreamConnection] = []
 
     def connector(server: ServerPool, exchange: Exchange) -> UpstreamConnection:
@@ -134,7 +145,12 @@ def main() -> int:
         return conn
 
     cluster = Cluster(config.upstreams["b"], connector)
-    state.gateway = Gateway(config, state, {"b": cluster})
+    state.gateway = Gateway(config, state, {"b": cluster}, limits.steps)
+    wall = Loop().time() + state.wall_offset
+    for _, _, ledger in limits.ledgers:  # what a first sync would have answered: nothing spent yet
+        ledger.peek(b"10.1.2.3", wall)
+        batch = ledger.take_batch(wall)
+        ledger.apply(batch, [0] * len(batch), None, wall)
     client = HttpProtocol(state, Http1Settings(state))
     downstream = Transport()
     client.connection_made(downstream)  # type: ignore[arg-type]

@@ -706,18 +706,32 @@ class HttpProtocol(asyncio.Protocol):
         self.resp_keep_alive = keep
         settings = self.settings
         added = exchange.response_headers
-        return b"".join(
-            (
-                head,
-                settings.request_id_line,
-                exchange.request_id,
-                settings.via_line,
-                b"" if added is None else b"".join([b"\r\n%s: %s" % pair for pair in added]),
-                _CHUNKED_LINE if chunked else b"",
-                _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE),
-                b"\r\n\r\n",
+        if added is None:
+            return b"".join(
+                (
+                    head,
+                    settings.request_id_line,
+                    exchange.request_id,
+                    settings.via_line,
+                    _CHUNKED_LINE if chunked else b"",
+                    _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE),
+                    b"\r\n\r\n",
+                )
             )
-        )
+        parts = [head, settings.request_id_line, exchange.request_id, settings.via_line]
+        for name, value in added:  # one join for the whole head (no formatting per header)
+            parts.append(b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+        if chunked:
+            parts.append(_CHUNKED_LINE)
+        if not keep:
+            parts.append(_CLOSE_LINE)
+        elif not http11:
+            parts.append(_KEEP_ALIVE_LINE)
+        parts.append(b"\r\n\r\n")
+        return b"".join(parts)
 
     def response_body(self, exchange: Exchange, data: bytes) -> None:
         self.out.append(chunk(data) if self.resp_chunked else data)

@@ -45,6 +45,12 @@ _X_REMAINING: Final = b"x-ratelimit-remaining"
 _X_RESET: Final = b"x-ratelimit-reset"
 _RETRY_AFTER: Final = b"retry-after"
 _REFUSALS_KEPT: Final = 4096
+_DIGITS: Final = tuple(b"%d" % n for n in range(4096))  # small counts and seconds, encoded once
+
+
+def _decimal(value: int) -> bytes:
+    """`value` (>= 0) in ASCII decimal, without formatting for the small ones."""
+    return _DIGITS[value] if value < 4096 else str(value).encode()
 
 
 class SyncHealth:
@@ -206,7 +212,7 @@ class LimitStep:
 
     def _headers(self, exchange: Exchange, wall: float, count: int, up: bool) -> None:
         """RateLimit and X-RateLimit-* for the first `count` limits, as their last peek (and spend) left them."""
-        items: list[bytes] = []
+        parts: list[bytes] = []  # the RateLimit items, flat: one join, no formatting
         least = -1
         least_quota = 0
         least_reset = 0
@@ -216,7 +222,13 @@ class LimitStep:
             if ledger is not None and up:
                 remaining = ledger.remaining()
                 reset = _seconds(reset_after(wall, ledger.length, ledger.entry.window))
-                items.append(b"%s;r=%d;t=%d" % (limit.quoted, remaining, reset))
+                if parts:
+                    parts.append(b", ")
+                parts.append(limit.quoted)
+                parts.append(b";r=")
+                parts.append(_decimal(remaining))
+                parts.append(b";t=")
+                parts.append(_decimal(reset))
                 if least < 0 or remaining < least:
                     least, least_quota, least_reset = remaining, ledger.limit, reset
             bucket = limit.bucket
@@ -224,12 +236,18 @@ class LimitStep:
                 tokens = limit.tokens
                 remaining = int(tokens) if tokens > 0.0 else 0
                 reset = _seconds(bucket.reset_after(tokens))
-                items.append(b"%s;r=%d;t=%d" % (limit.local_quoted, remaining, reset))
+                if parts:
+                    parts.append(b", ")
+                parts.append(limit.local_quoted)
+                parts.append(b";r=")
+                parts.append(_decimal(remaining))
+                parts.append(b";t=")
+                parts.append(_decimal(reset))
                 if least < 0 or remaining < least:
                     least, least_quota, least_reset = remaining, int(bucket.burst), reset
         exchange.add_response_header(_POLICY, self.policy)
-        if items:
-            exchange.add_response_header(_RATELIMIT, b", ".join(items))
-            exchange.add_response_header(_X_LIMIT, b"%d" % least_quota)
-            exchange.add_response_header(_X_REMAINING, b"%d" % least)
-            exchange.add_response_header(_X_RESET, b"%d" % least_reset)
+        if parts:
+            exchange.add_response_header(_RATELIMIT, b"".join(parts))
+            exchange.add_response_header(_X_LIMIT, _decimal(least_quota))
+            exchange.add_response_header(_X_REMAINING, _decimal(least))
+            exchange.add_response_header(_X_RESET, _decimal(least_reset))
