@@ -74,7 +74,18 @@ def _seconds(value: float) -> int:
 class RouteLimit:
     """One `[limits.NAME]` on one route in one worker."""
 
-    __slots__ = ("bucket", "ledger", "local_quoted", "name", "quoted", "rejected_global", "rejected_local", "tokens")
+    __slots__ = (
+        "bucket",
+        "ledger",
+        "local_quota",
+        "local_quoted",
+        "name",
+        "quota",
+        "quoted",
+        "rejected_global",
+        "rejected_local",
+        "tokens",
+    )
 
     def __init__(self, name: str, bucket: BucketTable | None, ledger: Ledger | None) -> None:
         self.name = name
@@ -83,6 +94,8 @@ class RouteLimit:
         self.local_quoted = b'"%s.local"' % name.encode() if ledger is not None else self.quoted
         self.bucket = bucket
         self.ledger = ledger
+        self.quota = b"%d" % ledger.limit if ledger is not None else b""  # X-RateLimit-Limit, encoded once
+        self.local_quota = b"%d" % int(bucket.burst) if bucket is not None else b""
         self.tokens = 0.0  # the bucket's tokens at the last peek (after the take, once spent)
         self.rejected_local = 0  # 429s: the bucket had no token
         self.rejected_global = 0  # 429s: the global view was at the limit
@@ -214,40 +227,43 @@ class LimitStep:
         """RateLimit and X-RateLimit-* for the first `count` limits, as their last peek (and spend) left them."""
         parts: list[bytes] = []  # the RateLimit items, flat: one join, no formatting
         least = -1
-        least_quota = 0
-        least_reset = 0
+        least_quota = b""
+        least_remaining = b""
+        least_reset = b""
         for index in range(count):
             limit = self.limits[index]
             ledger = limit.ledger
             if ledger is not None and up:
                 remaining = ledger.remaining()
-                reset = _seconds(reset_after(wall, ledger.length, ledger.entry.window))
+                left = _decimal(remaining)
+                reset = _decimal(_seconds(reset_after(wall, ledger.length, ledger.entry.window)))
                 if parts:
                     parts.append(b", ")
                 parts.append(limit.quoted)
                 parts.append(b";r=")
-                parts.append(_decimal(remaining))
+                parts.append(left)
                 parts.append(b";t=")
-                parts.append(_decimal(reset))
+                parts.append(reset)
                 if least < 0 or remaining < least:
-                    least, least_quota, least_reset = remaining, ledger.limit, reset
+                    least, least_quota, least_remaining, least_reset = remaining, limit.quota, left, reset
             bucket = limit.bucket
             if bucket is not None:
                 tokens = limit.tokens
                 remaining = int(tokens) if tokens > 0.0 else 0
-                reset = _seconds(bucket.reset_after(tokens))
+                left = _decimal(remaining)
+                reset = _decimal(_seconds(bucket.reset_after(tokens)))
                 if parts:
                     parts.append(b", ")
                 parts.append(limit.local_quoted)
                 parts.append(b";r=")
-                parts.append(_decimal(remaining))
+                parts.append(left)
                 parts.append(b";t=")
-                parts.append(_decimal(reset))
+                parts.append(reset)
                 if least < 0 or remaining < least:
-                    least, least_quota, least_reset = remaining, int(bucket.burst), reset
+                    least, least_quota, least_remaining, least_reset = remaining, limit.local_quota, left, reset
         exchange.add_response_header(_POLICY, self.policy)
         if parts:
             exchange.add_response_header(_RATELIMIT, b"".join(parts))
-            exchange.add_response_header(_X_LIMIT, _decimal(least_quota))
-            exchange.add_response_header(_X_REMAINING, _decimal(least))
-            exchange.add_response_header(_X_RESET, _decimal(least_reset))
+            exchange.add_response_header(_X_LIMIT, least_quota)
+            exchange.add_response_header(_X_REMAINING, least_remaining)
+            exchange.add_response_header(_X_RESET, least_reset)
