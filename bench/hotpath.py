@@ -45,6 +45,10 @@ RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: backend_stub\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n"
     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 )
+NGINX_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s" % (len(BODY), BODY)
+)
 
 
 class Loop:
@@ -120,6 +124,12 @@ def main() -> int:
         help="limited: plain on a route with a local and a global limit that never reject (the Redis sync left"
         " out: its share is learned once, before the rounds)",
     )
+    parser.add_argument(
+        "--response",
+        choices=("stub", "nginx"),
+        default="stub",
+        help="the upstream's answer: backend_stub's head, or NGINX's (with its Connection: keep-alive line)",
+    )
     parser.add_argument("--warmup", type=int, default=200, help="requests before the timed rounds (default 200)")
     args = parser.parse_args()
     raw: dict[str, Any] = {
@@ -155,21 +165,22 @@ def main() -> int:
     downstream = Transport()
     client.connection_made(downstream)  # type: ignore[arg-type]
     request = REALISTIC if args.shape == "realistic" else PLAIN
+    response = NGINX_RESPONSE if args.response == "nginx" else RESPONSE
     client.data_received(request)
     conn = conns[0]
     conn.connection_made(Transport())  # type: ignore[arg-type]
     conn.connect_done(ConnectTask())  # type: ignore[arg-type]
-    conn.data_received(RESPONSE)
+    conn.data_received(response)
     feed_client, feed_upstream = client.data_received, conn.data_received
     for _ in range(args.warmup):
         feed_client(request)
-        feed_upstream(RESPONSE)
+        feed_upstream(response)
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
         for _ in range(args.requests):
             feed_client(request)
-            feed_upstream(RESPONSE)
+            feed_upstream(response)
         if args.requests:
             best = min(best, (time.perf_counter() - started) / args.requests * 1e6)
     served = 1 + args.warmup + 5 * args.requests

@@ -2,7 +2,8 @@
 
 Nothing here touches a transport; every function maps bytes to bytes and is unit-tested alone.
 The response head is never split into per-header Python objects on the hot path: one compiled
-regex removes the hop-by-hop lines (and a stale request-id line) from the upstream head in C;
+regex finds whether the upstream head has hop-by-hop lines (or a stale request-id line); only then is
+it split into lines, once, and those left out;
 `head_pairs` splits it for a downstream that needs (name, value) pairs (HTTP/2).
 """
 
@@ -43,33 +44,40 @@ def _hop_regex(extra: tuple[bytes, ...]) -> re.Pattern[bytes]:
 
 
 _CONNECTION_VALUE: Final = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_OPTIONS: Final = frozenset((b"close", b"keep-alive"))  # Connection options that name no header
 
 
 class ResponseHeadRewriter:
-    """Removes hop-by-hop lines and `drop` headers from an upstream response head, in one C pass.
+    """Removes hop-by-hop lines and `drop` headers from an upstream response head.
 
-    `scan` finds, in one pass too, every line the proxy must look at (framing, hop-by-hop, `drop`),
-    so the common response needs no rewriting at all.
+    `inspect` finds, in one regex pass over the lower-cased head, the names of the lines the proxy must
+    look at (framing, hop-by-hop, `drop`), so the common response (Content-Length only) needs nothing
+    more; one with other such lines is split into lines once and those are left out. `clean` (one
+    case-insensitive regex pass) also removes what a Connection header nominates beyond close and
+    keep-alive.
     """
 
-    __slots__ = ("_pattern", "quick", "scan")
+    __slots__ = ("_pattern", "firsts", "names", "quick")
 
     def __init__(self, drop: tuple[bytes, ...] = ()) -> None:
         drop = tuple(name.lower() for name in drop)
         self._pattern = _hop_regex(drop)
-        alternatives = _alternation(HOP_BY_HOP | set(drop) | {b"content-length"})
+        # The lower-cased names of the lines `inspect` looks at, and a table of their first bytes.
+        self.names: frozenset[bytes] = frozenset(HOP_BY_HOP | set(drop) | {b"content-length"})
+        firsts = bytearray(256)
+        for name in self.names:
+            firsts[name[0]] = 1
+        self.firsts = bytes(firsts)
         # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
-        self.quick = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:")
-        self.scan = re.compile(rb"\r\n(" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)")
+        self.quick = re.compile(rb"\r\n(" + _alternation(self.names) + rb")[ \t]*:")
 
     def inspect(self, head: bytes, status: int, head_request: bool) -> tuple[BodyKind, bytes]:
         """Body framing of an upstream response (RFC 9112 6.3) and its head made ready for the client.
 
-        One regex scan finds every line of interest; the usual response (Content-Length only) is
-        returned as it is. The framing must be one llhttp reads the same way and the client can be given:
-        a Transfer-Encoding other than exactly `chunked` (a coding the proxy would strip with the header, or
-        a value llhttp reads differently, such as `chunked<TAB>`), two of them, or one with a Content-Length
-        is answered 502 (BadGateway raised).
+        The usual response (Content-Length only) is returned as it is. The framing must be one llhttp
+        reads the same way and the client can be given: a Transfer-Encoding other than exactly `chunked`
+        (a coding the proxy would strip with the header, or a value llhttp reads differently, such as
+        `chunked<TAB>`), two of them, or one with a Content-Length is answered 502 (BadGateway raised).
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
         low = head.lower()
@@ -87,27 +95,49 @@ class ResponseHeadRewriter:
             if not head.startswith(b"HTTP/1.1 "):
                 head = b"HTTP/1.1 " + head.partition(b" ")[2]
             return kind, head
+        # Lines to leave out (say NGINX's `Connection: keep-alive`): one split of each case, one join.
+        firsts = self.firsts
+        wanted = self.names
+        lines = head.split(b"\r\n")
+        lows = low.split(b"\r\n")
+        kept = [lines[0]]
         kind = BODY_UNTIL_CLOSE
-        rewrite = False
         length = False
-        for name, value in self.scan.findall(low):
-            if name == b"content-length":
-                length = True
-                if kind != BODY_CHUNKED:
-                    kind = BODY_LENGTH
-            elif name == b"transfer-encoding":
-                rewrite = True
-                if not bodiless and (kind == BODY_CHUNKED or value.rstrip(b" ") != b"chunked"):
-                    raise BadGateway("unsupported_upstream_transfer_encoding")
-                kind = BODY_CHUNKED
-            else:
-                rewrite = True
+        nominates = False  # a Connection value names more than close / keep-alive: `clean` removes those too
+        for index in range(1, len(lows)):
+            line = lows[index]
+            if line and firsts[line[0]]:
+                colon = line.find(b":")
+                if colon > 0:
+                    name = line[:colon]
+                    if name[-1] == 32 or name[-1] == 9:  # blanks before the colon
+                        name = name.rstrip(b" \t")
+                    if name in wanted:
+                        if name == b"content-length":
+                            length = True
+                            if kind != BODY_CHUNKED:
+                                kind = BODY_LENGTH
+                            kept.append(lines[index])
+                            continue
+                        if name == b"transfer-encoding":
+                            # Trailing blanks but a tab: llhttp reads `chunked<TAB>` otherwise.
+                            value = line[colon + 1 :].lstrip(b" \t").rstrip(b" ")
+                            if not bodiless and (kind == BODY_CHUNKED or value != b"chunked"):
+                                raise BadGateway("unsupported_upstream_transfer_encoding")
+                            kind = BODY_CHUNKED
+                        elif name == b"connection":
+                            value = line[colon + 1 :].strip(b" \t")
+                            if value != b"keep-alive" and value != b"close" and connection_tokens(value) - _OPTIONS:
+                                nominates = True
+                        continue  # left out
+            kept.append(lines[index])
         if bodiless:
             kind = BODY_NONE
         elif kind == BODY_CHUNKED and length:
             raise BadGateway("ambiguous_upstream_framing")
-        if rewrite:
+        if nominates:
             return kind, self.clean(head)
+        head = b"\r\n".join(kept)
         if not head.startswith(b"HTTP/1.1 "):
             head = b"HTTP/1.1 " + head.partition(b" ")[2]
         return kind, head

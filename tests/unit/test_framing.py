@@ -112,3 +112,54 @@ def test_host_without_port() -> None:
     assert host_without_port(b"Example.COM:80") == b"example.com"
     assert host_without_port(b"[::1]:8080") == b"[::1]"
     assert host_without_port(b"h") == b"h"
+
+
+def test_inspect_cuts_exactly_the_lines_clean_removes() -> None:
+    """`inspect` removes lines by the offsets of its scan; `clean` by a case-insensitive regex pass: the same
+    head comes out of both, whatever the mix of names, cases, blanks and Connection values."""
+    import random
+
+    rng = random.Random(1234)
+    names = [
+        b"Content-Length",
+        b"content-length",
+        b"Transfer-Encoding",
+        b"Connection",
+        b"CONNECTION",
+        b"Keep-Alive",
+        b"Proxy-Connection",
+        b"Upgrade",
+        b"TE",
+        b"Trailer",
+        b"X-Request-Id",
+        b"X-Hop",
+        b"X-Connection",
+        b"Connectionx",
+        b"",
+        b"Server",
+        b"Date",
+        b"Content-Type",
+        b"TEA",
+        b"Upgrade-Insecure",
+    ]
+    values = [b"keep-alive", b"close", b"Keep-Alive", b"keep-alive, X-Hop", b"x-hop", b"upgrade", b"5", b"", b"chunked"]
+    values += [b"a: b", b"chunked ", b"close ", b" keep-alive\t"]
+    rewriter = ResponseHeadRewriter(drop=(b"x-request-id",))
+    compared = 0
+    for _ in range(5000):
+        lines = [rng.choice((b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK"))]
+        for _ in range(rng.randrange(0, 8)):
+            name = rng.choice(names)
+            value = rng.choice(values)
+            if rng.random() < 0.05:
+                lines.append(name + value)  # no colon at all
+                continue
+            lines.append(name + rng.choice((b"", b" ", b"\t")) + b":" + rng.choice((b"", b" ", b"  ")) + value)
+        head = b"\r\n".join(lines)
+        try:
+            _, out = rewriter.inspect(head, 200, False)
+        except BadGateway:
+            continue
+        assert out == rewriter.clean(head), head
+        compared += 1
+    assert compared > 2000
