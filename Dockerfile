@@ -20,12 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin uvgate
+RUN groupadd --system --gid 10001 uvgate \
+    && useradd --system --uid 10001 --gid uvgate --no-create-home --shell /usr/sbin/nologin uvgate
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
 COPY configs/docker.toml /etc/uvgate/uvgate.toml
 COPY configs/production.example.toml /etc/uvgate/production.example.toml
-USER uvgate
+# Numeric (uvgate:uvgate above), so the runtime and a host's policy (runAsNonRoot) need not resolve the name.
+USER 10001:10001
 EXPOSE 8080 9901
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \

@@ -31,6 +31,7 @@ help:
 	@echo "make bench      wrk: scenarios (plain, realistic, jwt, body, workers) against the backend direct,"
 	@echo "                nginx, HAProxy, Caddy (those installed) and uvgate; table, JSON and PNG in bench/results/"
 	@echo "                ARGS=\"--scenario plain --target nginx,proxy\" for less; ARGS=\"--baseline main\" adds main's proxy"
+	@echo "                ARGS=\"--target proxy,nometrics,accesslog\": what metrics and the access log cost"
 	@echo "make clean      remove caches and build output (make distclean also removes $(VENV))"
 
 venv: $(STAMP)

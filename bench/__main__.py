@@ -4,8 +4,9 @@ Starts the backend (an nginx instance serving backend_stub's fixed answers and a
 backend_stub itself; 1 worker), then scenario by scenario (plain, realistic, jwt, limited, rejecting,
 body, workers; see bench/scenarios.py and, for the rate-limit scenarios, bench/limits.py) the targets:
 nginx, HAProxy and Caddy (bench/nginx.py, bench/peers/; each skipped with a note when not installed),
-uvgate (configs/bench.toml) and, with `--baseline REF`, the uvgate of commit REF built from a temporary
-export (bench/baseline.py), all through devstack. With 2+ CPUs the targets are pinned to CPU 0 (CPUs
+uvgate (configs/bench.toml), when named uvgate with metrics off or the access log on (bench/switches.py)
+and, with `--baseline REF`, the uvgate of commit REF built from a temporary export (bench/baseline.py), all
+through devstack. With 2+ CPUs the targets are pinned to CPU 0 (CPUs
 0-1 in `workers`), the backend and the load generator to CPU 1. Within a scenario the targets
 alternate run by run (ABBA) over `--runs` rounds, each measured run after a short warm-up. Prints a
 progress line per run, then one table (medians and spreads), and writes bench/results/<UTC
@@ -25,6 +26,7 @@ import platform
 import signal
 import statistics
 import sys
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +82,25 @@ from bench.report import (
     saturation_notes,
     summarize,
 )
-from bench.scenarios import PEER_TARGETS, SCENARIOS, TARGETS, Scenario, parse_names, plan_targets, round_order
+from bench.scenarios import (
+    PEER_TARGETS,
+    SCENARIOS,
+    TARGET_CHOICES,
+    TARGETS,
+    Scenario,
+    parse_names,
+    plan_targets,
+    round_order,
+)
+from bench.switches import (
+    ACCESS_LOG_FILE,
+    ACCESSLOG,
+    SWITCH_TARGETS,
+    switch_dir,
+    switch_report,
+    switched_config,
+    template_problems,
+)
 from bench.wrk_runner import WrkResult, duration_seconds, find_wrk, run_wrk, wrk_version
 from devstack import PROJECT_ROOT, Service, Stack, StackError, http_get
 from devstack.config import load_config_source
@@ -90,7 +110,7 @@ BACKENDS = ("nginx", "stub")
 """`--backend` choices: an nginx instance answering like backend_stub, or backend_stub itself."""
 TOOLS = ("wrk", "locust")
 """`--tool` choices: the load generator."""
-UVGATE = ("proxy", "baseline")
+UVGATE = ("proxy", *SWITCH_TARGETS, "baseline")
 """The targets whose server is a uvgate (RSS tracked, code checked); `jwt` and `limits` are served by `proxy`."""
 JWT = "jwt"
 """In the jwt and limited scenarios: uvgate's JWT route (same proxy and request as `proxy`, whose route has
@@ -123,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         default="all",
-        help=f"comma-separated: {', '.join(TARGETS)} or all (default all; peers that are not installed are skipped)",
+        help=f"comma-separated: {', '.join(TARGET_CHOICES)} or all (default all = {', '.join(TARGETS)}; peers "
+        f"that are not installed are skipped; {', '.join(SWITCH_TARGETS)} run only when named, as in "
+        f"all,{','.join(SWITCH_TARGETS)})",
     )
     parser.add_argument("--request", help="the same as --scenario (kept for old command lines; `limits` is `limited`)")
     parser.add_argument(
@@ -178,7 +200,7 @@ def resolve_names(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str,
     if args.request:
         scenario_text = args.request
     names = parse_names(scenario_text, tuple(SCENARIOS), SCENARIO_ALIASES)
-    return names, parse_names(target_text, TARGETS), notes
+    return names, parse_names(target_text, TARGET_CHOICES, everything=TARGETS), notes
 
 
 def find_peers(targets: Sequence[str], explicit: bool) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
@@ -354,6 +376,10 @@ def _start_servers(
             config = load_config_source(ctx.args.config)
             if scenario.proxy_config is not None:
                 config = scenario.proxy_config(config)
+            if name in SWITCH_TARGETS:
+                directory = switch_dir(stack.run_dir, scenario.name, name)
+                directory.mkdir(parents=True, exist_ok=True)
+                config = switched_config(name, config, directory)
             if scenario.reject_share is not None and ctx.reject is not None:
                 config = with_reject_limit(config, ctx.reject)
             workers = scenario.workers if scenario.workers > 1 else ctx.args.proxy_workers
@@ -512,6 +538,8 @@ def run_scenario(ctx: Context, scenario: Scenario, names: Sequence[str], labels:
             if not svc.running:
                 raise _exited(svc, name)
         ctx.rss[scenario.name] = rss
+        if ACCESSLOG in servers:  # hundreds of MB over the rounds; a failed run keeps it with the run dir
+            (switch_dir(ctx.stack.run_dir, scenario.name, ACCESSLOG) / ACCESS_LOG_FILE).unlink(missing_ok=True)
 
 
 def footer_lines(
@@ -522,16 +550,18 @@ def footer_lines(
     backend_kind: str,
     machine: str,
     limit_text: Sequence[str] = (),
+    switch_text: Sequence[str] = (),
 ) -> list[str]:
-    """What follows the table: ratios per scenario, saturation notes, the paired auth cost, the rate-limit
-    figures (`limit_report`), what was left out, the machine, and a warning when the load generator saw
-    errors."""
+    """What follows the table: ratios per scenario, saturation notes, the paired auth cost, the paired costs
+    of metrics and the access log (`switch_report`), the rate-limit figures (`limit_report`), what was left
+    out, the machine, and a warning when the load generator saw errors."""
     lines = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
     lines += [
         f"{n}: auth (jwt - proxy) CPU µs/req, paired by round: median {v:+.2f}"
         for n, v in paired.items()
         if v is not None
     ]
+    lines += switch_text
     lines += limit_text
     lines += [f"note: {note}" for note in plan.notes]
     if backend_kind == "stub" and any(s.name == "body" for s in plan.scenarios):
@@ -682,13 +712,14 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
         if name in ratio_values:
             ratio_values[name]["jwt_minus_proxy_cpu_per_req_paired"] = value
     figures, limit_text = limit_report(ctx.records, ctx.redis_per_1000, ctx.reject)
-    for name, values in figures.items():
+    switch_figures, switch_text = switch_report(ctx.records)
+    for name, values in [*figures.items(), *switch_figures.items()]:
         ratio_values.setdefault(name, {}).update(values)
     print()
     print(format_table(summaries, labels))
     print()
     machine = f"{nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}; backend {backend_kind}"
-    print("\n".join(footer_lines(summaries, labels, paired, plan, backend_kind, machine, limit_text)))
+    print("\n".join(footer_lines(summaries, labels, paired, plan, backend_kind, machine, limit_text, switch_text)))
     print("\n".join(rss_lines(ctx.rss, labels)))
 
     document = {
@@ -746,15 +777,26 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def make_plan(args: argparse.Namespace) -> tuple[Plan | None, str | None]:
-    """The plan, or None and the reason to exit 2 (an unknown name, a peer asked for but missing)."""
+    """The plan, or None and the reason to exit 2 (an unknown name, a peer asked for but missing, a config
+    that has not got proxy's side of a switched target's comparison)."""
     try:
         scenario_names, target_names, notes = resolve_names(args)
     except ValueError as exc:
         return None, str(exc)
-    explicit = args.target != "all" or args.scenario in OLD_TARGET_FLAGS
+    explicit = "all" not in (n.strip() for n in args.target.split(",")) or args.scenario in OLD_TARGET_FLAGS
     binaries, versions, peer_notes, fatal = find_peers(target_names, explicit)
     if fatal:
         return None, "\n".join(fatal)
+    switched = [n for n in target_names if n in SWITCH_TARGETS]
+    if switched:
+        try:
+            problems = template_problems(load_config_source(args.config), switched)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            problems = [f"--config {args.config}: {exc}"]
+        if problems:
+            return None, "\n".join(problems)
+        if "proxy" not in target_names:
+            notes.append(f"{', '.join(switched)} without proxy: no paired cost (add proxy to --target)")
     if not scenario_names:
         return None, "no scenario to run: " + "; ".join(notes)
     plan = Plan(tuple(SCENARIOS[n] for n in scenario_names), target_names, binaries, versions, (*notes, *peer_notes))

@@ -18,11 +18,30 @@ __all__ = ["CHART_NAMES", "INSTALL_MATPLOTLIB", "PALETTE", "ChartUnavailable", "
 
 INSTALL_MATPLOTLIB = "matplotlib is not installed: no chart (pip install -e '.[bench]' adds it)"
 
-PALETTE = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#dd8452", "#937860")
+PALETTE = (
+    "#4c72b0",
+    "#55a868",
+    "#c44e52",
+    "#8172b2",
+    "#ccb974",
+    "#64b5cd",
+    "#dd8452",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#2f4b7c",
+)
 """Colour-blind-friendly enough, and distinct in grey scale for the first four."""
-CHART_NAMES = {"direct": "direct (no proxy)", "proxy": "uvgate", "jwt": "uvgate, JWT checked"}
+CHART_NAMES = {
+    "direct": "direct (no proxy)",
+    "proxy": "uvgate",
+    "jwt": "uvgate, JWT checked",
+    "nometrics": "uvgate, metrics off",
+    "accesslog": "uvgate, access log on",
+}
 """How the chart names the targets whose table name says less to a reader."""
-KNOWN_ORDER = ("direct", "nginx", "haproxy", "caddy", "proxy", "jwt", "baseline")
+KNOWN_ORDER = ("direct", "nginx", "haproxy", "caddy", "proxy", "jwt", "baseline", "nometrics", "accesslog")
+"""The targets whose colour is fixed (`PALETTE` in this order); other targets take the colours left."""
 
 
 class ChartUnavailable(RuntimeError):

@@ -7,7 +7,8 @@ round. A scenario can add uvgate targets after `proxy` (`extra_targets`: the sam
 another route, chosen by Host): `jwt` adds the JWT route as `jwt`, `limited` adds it and the same route
 with limits as `limits`. `rejecting` concerns uvgate alone (`uvgate_only`: the peers have no limit), its
 limit set from a calibration run (bench/limits.py); its wrk script counts 429s apart from errors (the
-table's `429` column, as Locust's are).
+table's `429` column, as Locust's are). Outside `all`, `--target` also takes uvgate with one setting
+switched (bench/switches.py: `nometrics`, `accesslog`), which follow `proxy` and its extra targets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from bench.jwt import with_jwt_route
 from bench.limits import LIMITS, with_limited_routes
+from bench.switches import SWITCH_TARGETS
 from bench.wrk_runner import BODY_LUA, JWT_LUA, REALISTIC_LUA, REJECTING_LUA, REPORT_LUA
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "PEER_TARGETS",
     "SCENARIOS",
     "TARGETS",
+    "TARGET_CHOICES",
     "Scenario",
     "parse_names",
     "plan_targets",
@@ -106,20 +109,29 @@ SCENARIOS: dict[str, Scenario] = {
 PEER_TARGETS = ("nginx", "haproxy", "caddy")
 """The other proxies, in the order they run within a round."""
 TARGETS = ("direct", *PEER_TARGETS, "proxy")
-"""The `--target` choices; a scenario's extra targets and `baseline` (with --baseline) follow `proxy`."""
+"""`--target all`; a scenario's extra targets and `baseline` (with --baseline) follow `proxy`."""
+TARGET_CHOICES = (*TARGETS, *SWITCH_TARGETS)
+"""The `--target` choices: `all`'s and the switched uvgates, which are named to run (`all,nometrics` works)."""
 
 
-def parse_names(text: str, choices: Sequence[str], aliases: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """`a,b` or `all` as a tuple of names in the order of `choices` (`all` = every choice); ValueError for
-    an unknown name. A name in `aliases` stands for its value (an old name)."""
+def parse_names(
+    text: str,
+    choices: Sequence[str],
+    aliases: Mapping[str, str] | None = None,
+    *,
+    everything: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """`a,b` or `all` (with other names or not) as a tuple of names in the order of `choices`; `all` stands for
+    `everything` (default: every choice). ValueError for an unknown name. A name in `aliases` stands for its
+    value (an old name)."""
     wanted = [(aliases or {}).get(name.strip(), name.strip()) for name in text.split(",") if name.strip()]
     if not wanted:
         raise ValueError("no name given")
-    if "all" in wanted:
-        return tuple(choices)
-    unknown = [name for name in wanted if name not in choices]
+    unknown = [name for name in wanted if name not in choices and name != "all"]
     if unknown:
         raise ValueError(f"unknown {', '.join(unknown)} (choose from {', '.join((*choices, 'all'))})")
+    if "all" in wanted:
+        wanted += everything if everything is not None else choices
     return tuple(n for n in choices if n in wanted)
 
 
@@ -132,13 +144,13 @@ def plan_targets(
 ) -> tuple[tuple[str, ...], list[str]]:
     """The targets of one scenario, in round order, and the names of peers left out as not installed.
 
-    The scenario's extra targets follow `proxy`; `baseline` comes last; a uvgate-only scenario has no
-    `direct` and no peer.
+    The scenario's extra targets follow `proxy`, then the switched uvgates of `wanted`; `baseline` comes
+    last; a uvgate-only scenario has no `direct` and no peer.
     """
     targets: list[str] = []
     missing: list[str] = []
     for name in wanted:
-        if scenario.uvgate_only and name != "proxy":
+        if scenario.uvgate_only and name not in ("proxy", *SWITCH_TARGETS):
             continue
         if name in PEER_TARGETS and not available(name):
             missing.append(name)

@@ -8,12 +8,14 @@ by their error code. Nothing here does I/O or knows Prometheus: `proxy.metricsio
 tick subscriber) reads these counts every `metrics.interval` and writes them into the worker's
 prometheus-client multiprocess files. Every label value is bounded: route and upstream names come from
 the config, methods outside `METHODS` count as "OTHER", statuses are what was answered (three digits), auth reasons
-are the error codes in `AUTH_REASONS`.
+are the auth steps' error codes (`proxy.auth.step.FAILURE_REASONS`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
+
+from proxy.auth.step import FAILURE_REASONS
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -43,19 +45,6 @@ BUCKETS: Final[list[float]] = [
 METHODS: Final[list[str]] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER"]
 _METHOD_INDEX: Final[dict[bytes, int]] = {name.encode(): index for index, name in enumerate(METHODS[:-1])}
 OTHER_METHOD: Final = len(METHODS) - 1
-# Error codes of the auth steps (proxy/auth/): the reasons of `uvgate_auth_failures_total`.
-AUTH_REASONS: Final = frozenset(
-    {
-        "missing_token",
-        "invalid_token",
-        "insufficient_scope",
-        "jwks_unavailable",
-        "jwks_refresh_timeout",
-        "introspection_unavailable",
-        "introspection_busy",
-        "introspection_timeout",
-    }
-)
 
 
 class Histogram:
@@ -124,5 +113,5 @@ class RequestCounts:
             waited = exchange.pool_wait
             self.pool_wait.observe(waited if waited != 0.0 else exchange.t_end - exchange.t_queued)
         error = exchange.error
-        if error and error in AUTH_REASONS:
+        if error and error in FAILURE_REASONS:
             self.auth_failures[error] = self.auth_failures.get(error, 0) + 1

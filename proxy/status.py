@@ -9,7 +9,8 @@ classes over that span, next to the all-time totals, the upstream servers' live 
 rate-limit rejections by route, limit and kind (all time and over the span), the Redis sync's
 round trips, errors and fail-open admissions (when some limit is global), and the workers the
 supervisor knows. Everything is computed from what `/metrics` exports: the page shows
-nothing Prometheus could not.
+nothing Prometheus could not. prometheus-client (through `proxy.metricsio`) is imported only by a
+report, i.e. when metrics are on: with them off, the supervisor, and the workers it forks, never load it.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import math
 from collections import deque
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING, TypeAlias
 
 from proxy.metrics import BUCKETS
-from proxy.metricsio import LE_VALUES, Sample
+
+if TYPE_CHECKING:
+    from proxy.metricsio import Sample
 
 WINDOW = 60.0
 SAMPLE_EVERY = 5.0
 MIN_SPAN = 1.0  # a rate is never computed over less (right after start)
 
-Totals = dict[Sample, float]
+Totals: TypeAlias = "dict[Sample, float]"
 
 
 class StatsHistory:
@@ -128,6 +132,8 @@ def _redis(totals: Totals) -> dict[str, int] | None:
     """The Redis sync of global limits, summed over workers (None: no worker syncs)."""
     if ("uvgate_redis_errors_total", ()) not in totals:
         return None
+    from proxy.metricsio import LE_VALUES
+
     round_trips = sum(_value(totals, "uvgate_redis_sync_seconds_bucket", le=le) for le in LE_VALUES)
     return {
         "round_trips": int(round_trips),
@@ -187,6 +193,8 @@ def _status_class(code: str) -> str:
 
 
 def _buckets(totals: Totals, route: str) -> list[float]:
+    from proxy.metricsio import LE_VALUES
+
     return [_value(totals, "uvgate_request_duration_seconds_bucket", route=route, le=le) for le in LE_VALUES]
 
 

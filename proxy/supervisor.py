@@ -27,9 +27,12 @@ listener) dispatches `handle_<signal>`:
   systemd's and keep listening: what connects meanwhile waits for the next start.
 - SIGUSR1: relayed to every worker, which reopens its access log file (logrotate's postrotate).
 A worker silent for `heartbeat_timeout` is killed and replaced. Metrics: the supervisor owns the
-prometheus-client multiprocess directory (`proxy.metricsio`), made before the first fork and passed to
-workers in their config; a reaped worker's files are folded into the archive; the admin listener
-serves `/metrics`, `/stats.json` and the status page (`proxy.status`) from it.
+prometheus-client multiprocess directory (`proxy.metricsio`), made before the first fork of a
+generation with metrics on (at start, or by the reload that turns them on) and passed to workers in
+their config; a reaped worker's files are folded into the archive; the admin listener serves
+`/metrics`, `/stats.json` and the status page (`proxy.status`) from it. Until metrics are on,
+proxy.metricsio and prometheus-client are not imported, so the workers forked meanwhile do not carry
+them (a worker is a fork: whatever the supervisor imported is in its memory too).
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from proxy import __version__, compiled, ipc, worker
 from proxy import config as config_mod
 from proxy.admin import AdminServer, json_response
 from proxy.config import Address, Config
 from proxy.errors import ConfigError
-from proxy.metricsio import MetricsDirectory, SupervisorCollector
 from proxy.status import StatsHistory, status_page
+
+if TYPE_CHECKING:
+    from proxy.metricsio import MetricsDirectory
 
 log = logging.getLogger("uvgate.supervisor")
 
@@ -490,9 +496,19 @@ class Supervisor:
             log.warning("reload: server.listen changes need a restart; keeping %s", self.listen)
         if new.server.admin_listen != self.config.server.admin_listen:
             log.warning("reload: server.admin_listen changes need a restart; keeping %s", self.admin_address)
+        if self.metrics_dir is None and new.metrics.enabled:
+            try:
+                self.metrics_dir = self._metrics_directory(new)
+            except OSError as exc:
+                log.error(
+                    "reload rejected, keeping the running configuration: metrics.directory: cannot create %s (%s)",
+                    exc.filename,
+                    exc.strerror or exc,
+                )
+                return
+        elif self.metrics_dir is not None and new.metrics.directory not in ("", self.metrics_dir.path):
+            log.warning("reload: metrics.directory changes need a restart; keeping %s", self.metrics_dir.path)
         if self.metrics_dir is not None:
-            if new.metrics.directory not in ("", self.metrics_dir.path):
-                log.warning("reload: metrics.directory changes need a restart; keeping %s", self.metrics_dir.path)
             new = config_mod.with_metrics_directory(new, self.metrics_dir.path)
         new = config_mod.with_listen(new, self.listen)
         sd_notify(self.notify_socket, "RELOADING=1")
@@ -634,6 +650,13 @@ class Supervisor:
             restarts=self._restarts(),
         )
 
+    def _metrics_directory(self, config: Config) -> MetricsDirectory:
+        """`config`'s metrics directory, made (stale files removed); OSError if it cannot be. The first call
+        imports proxy.metricsio and prometheus-client: only once metrics are on."""
+        from proxy.metricsio import MetricsDirectory, SupervisorCollector
+
+        return MetricsDirectory(config.metrics.directory, SupervisorCollector(self._restarts, compiled()))
+
     def _restarts(self) -> int:
         """Workers replaced after a crash or a missed heartbeat, since start (uvgate_worker_restarts_total)."""
         return sum(slot.restarts for slot in self.slots)
@@ -647,15 +670,14 @@ class Supervisor:
         except OSError as exc:
             log.error("%s; stopping", exc.strerror or exc)
             return EXIT_BIND_FAILURE
-        try:
-            self.metrics_dir = MetricsDirectory(
-                self.config.metrics.directory, SupervisorCollector(self._restarts, compiled())
-            )
-        except OSError as exc:
-            log.error("metrics.directory: cannot create %s (%s); stopping", exc.filename, exc.strerror or exc)
-            self._close()
-            return EXIT_BOOT_FAILURE
-        self.config = config_mod.with_metrics_directory(self.config, self.metrics_dir.path)
+        if self.config.metrics.enabled:
+            try:
+                self.metrics_dir = self._metrics_directory(self.config)
+            except OSError as exc:
+                log.error("metrics.directory: cannot create %s (%s); stopping", exc.filename, exc.strerror or exc)
+                self._close()
+                return EXIT_BOOT_FAILURE
+            self.config = config_mod.with_metrics_directory(self.config, self.metrics_dir.path)
         self.stats.add(time.monotonic(), {})
         self._install_signals()
         for slot in self.slots:

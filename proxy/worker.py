@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import traceback
+from typing import TYPE_CHECKING
 
 from proxy import ipc
 from proxy.accesslog import AccessLog
@@ -33,11 +34,13 @@ from proxy.config import Config
 from proxy.gateway import Gateway, auth_steps
 from proxy.http1.protocol import Http1Settings, HttpProtocol
 from proxy.metrics import RequestCounts
-from proxy.metricsio import WorkerMetrics
 from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import make_connector
 from proxy.upstream.pool import Cluster
+
+if TYPE_CHECKING:
+    from proxy.metricsio import WorkerMetrics
 
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # failed before reporting ready
@@ -152,6 +155,8 @@ def _start_metrics(
     metrics are on and the supervisor gave their directory."""
     if not config.metrics.enabled or not config.metrics.directory:
         return None
+    from proxy.metricsio import WorkerMetrics  # prometheus-client: already imported before the fork
+
     counts = RequestCounts()
     caches = {kind: authority.cache for kind, authority in auth.authorities.items()}
     metrics = WorkerMetrics(config.metrics, counts, state, clusters, caches, os.getpid(), limits)

@@ -30,6 +30,9 @@ import orjson
 
 from proxy.auth.fetch import Endpoint, FetchError, request
 from proxy.auth.step import (
+    INTROSPECTION_BUSY,
+    INTROSPECTION_TIMEOUT,
+    INTROSPECTION_UNAVAILABLE,
     WAIT_VERDICT,
     IdentityMapper,
     TokenCache,
@@ -70,9 +73,9 @@ class Introspector:
         self.missing = Verdict(0.0, error=missing_token(realm))
         self.malformed = invalid_token(realm, "malformed token")
         self.inactive = invalid_token(realm, "the token is not active")
-        self.unavailable = ServiceUnavailable("introspection_unavailable", headers=((b"retry-after", b"1"),))
-        self.busy = Verdict(0.0, error=ServiceUnavailable("introspection_busy", headers=((b"retry-after", b"1"),)))
-        self.timeout = ServiceUnavailable("introspection_timeout", headers=((b"retry-after", b"1"),))
+        self.unavailable = ServiceUnavailable(INTROSPECTION_UNAVAILABLE, headers=((b"retry-after", b"1"),))
+        self.busy = Verdict(0.0, error=ServiceUnavailable(INTROSPECTION_BUSY, headers=((b"retry-after", b"1"),)))
+        self.timeout = ServiceUnavailable(INTROSPECTION_TIMEOUT, headers=((b"retry-after", b"1"),))
         # Counters (for tests and metrics).
         self.calls = 0
         self.failed = 0

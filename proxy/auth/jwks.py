@@ -33,7 +33,7 @@ import orjson
 from jwt import PyJWK, PyJWKError
 
 from proxy.auth.fetch import Endpoint, FetchError, request
-from proxy.auth.step import WAIT_VERDICT, Verdict, invalid_token
+from proxy.auth.step import JWKS_REFRESH_TIMEOUT, JWKS_UNAVAILABLE, WAIT_VERDICT, Verdict, invalid_token
 from proxy.config import JwtConfig
 from proxy.errors import ServiceUnavailable
 from proxy.exchange import Exchange, WaitList
@@ -129,8 +129,8 @@ class JwksSource:
         self.failed = 0
         self._unlogged = 0
         self._last_log = -float("inf")
-        self.refresh_timeout = ServiceUnavailable("jwks_refresh_timeout", headers=((b"retry-after", b"1"),))
-        self.unavailable = Verdict(0.0, error=ServiceUnavailable("jwks_unavailable", headers=((b"retry-after", b"1"),)))
+        self.refresh_timeout = ServiceUnavailable(JWKS_REFRESH_TIMEOUT, headers=((b"retry-after", b"1"),))
+        self.unavailable = Verdict(0.0, error=ServiceUnavailable(JWKS_UNAVAILABLE, headers=((b"retry-after", b"1"),)))
         self.unknown_key = Verdict(0.0, error=invalid_token(realm, "unknown signing key (kid)"))
 
     # ------------------------------------------------------------------ lifecycle

@@ -37,6 +37,30 @@ from proxy.exchange import WAIT
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
 
+# The error codes the auth steps answer with (`error` in the JSON body), each made where its failure is
+# decided (here, proxy.auth.jwks, proxy.auth.introspect). `FAILURE_REASONS` is every one of them: the
+# `reason` label of uvgate_auth_failures_total, which proxy.metrics counts for exactly these.
+MISSING_TOKEN: Final = "missing_token"
+INVALID_TOKEN: Final = "invalid_token"
+INSUFFICIENT_SCOPE: Final = "insufficient_scope"
+JWKS_UNAVAILABLE: Final = "jwks_unavailable"
+JWKS_REFRESH_TIMEOUT: Final = "jwks_refresh_timeout"
+INTROSPECTION_UNAVAILABLE: Final = "introspection_unavailable"
+INTROSPECTION_BUSY: Final = "introspection_busy"
+INTROSPECTION_TIMEOUT: Final = "introspection_timeout"
+FAILURE_REASONS: Final = frozenset(
+    {
+        MISSING_TOKEN,
+        INVALID_TOKEN,
+        INSUFFICIENT_SCOPE,
+        JWKS_UNAVAILABLE,
+        JWKS_REFRESH_TIMEOUT,
+        INTROSPECTION_UNAVAILABLE,
+        INTROSPECTION_BUSY,
+        INTROSPECTION_TIMEOUT,
+    }
+)
+
 _BEARER: Final = b"bearer "
 # RFC 6750 2.1 b64token: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/", then "=" padding.
 _TOKEN_CHARS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
@@ -198,7 +222,7 @@ def _quoted(text: str) -> bytes:
 def missing_token(realm: str) -> Unauthorized:
     """401 for a request without a bearer credential: a challenge without an error code (RFC 6750 3.1)."""
     return Unauthorized(
-        "missing_token",
+        MISSING_TOKEN,
         headers=((b"www-authenticate", b'Bearer realm="%s"' % _quoted(realm)),),
         fields={"error_description": "a bearer token is required"},
     )
@@ -211,7 +235,7 @@ def invalid_token(realm: str, description: str) -> Unauthorized:
         _quoted(description),
     )
     return Unauthorized(
-        "invalid_token", headers=((b"www-authenticate", challenge),), fields={"error_description": description}
+        INVALID_TOKEN, headers=((b"www-authenticate", challenge),), fields={"error_description": description}
     )
 
 
@@ -225,7 +249,7 @@ def insufficient_scope(realm: str, required: tuple[str, ...]) -> Forbidden:
         _quoted(scope),
     )
     return Forbidden(
-        "insufficient_scope",
+        INSUFFICIENT_SCOPE,
         headers=((b"www-authenticate", challenge),),
         fields={"error_description": description, "scope": scope},
     )

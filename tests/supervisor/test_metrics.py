@@ -11,7 +11,16 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import ProxyFactory, ProxyService, Service, http_get
-from tests.supervisor.helpers import api_body, config, get, slot_workers, wait_for_log, wait_ready, wait_until
+from tests.supervisor.helpers import (
+    api_body,
+    config,
+    get,
+    slot_workers,
+    wait_for_log,
+    wait_ready,
+    wait_until,
+    write_config,
+)
 from tests.supervisor.load import LoadGenerator
 
 ROUTE = "/"  # the route of helpers.BASE_CONFIG (named after its prefix)
@@ -174,6 +183,36 @@ def test_metrics_off(proxy_factory: ProxyFactory, backend_stub: Service, tmp_pat
     status, body = http_get(proxy.admin_url + "/metrics", timeout=5.0)
     assert status == 404 and b"metrics are off" in body
     assert not list(directory.glob("*.db")), "no worker writes metrics when they are off"
+
+
+def _imported(log: str, module: str) -> bool:
+    """Whether a `-X importtime` log (PYTHONPROFILEIMPORTTIME) shows `module` imported, by any process."""
+    lines = (line for line in log.splitlines() if line.startswith("import time:"))
+    return any(line.rsplit("|", 1)[-1].strip() == module for line in lines)
+
+
+def test_metrics_off_load_no_prometheus_client_until_a_reload_turns_them_on(
+    proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path
+) -> None:
+    directory = tmp_path / "metrics"
+    data = metrics_config(directory)
+    data["metrics"] = {"enabled": False, "directory": str(directory), "interval": "100ms"}
+    proxy = proxy_factory(data, workers=2, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    for _ in range(3):
+        assert get(proxy)[0] == 200
+    log = proxy.read_log()
+    assert _imported(log, "proxy.worker") and _imported(log, "uvloop"), "the log shows what every process imported"
+    assert not _imported(log, "prometheus_client") and not _imported(log, "proxy.metricsio")
+    assert not directory.exists(), "no metrics directory while metrics are off"
+
+    data["metrics"]["enabled"] = True
+    write_config(proxy, data)
+    proxy.send_signal(signal.SIGHUP)
+    wait_for_log(proxy, r"generation 2 serving")
+    assert _imported(proxy.read_log(), "prometheus_client")
+    for _ in range(4):
+        assert get(proxy)[0] == 200
+    wait_until(lambda: requests_counted(scrape(proxy)) == 4, 10.0, "generation 2's 4 requests in /metrics", proxy)
 
 
 def test_counts_survive_a_reload_once(proxy_factory: ProxyFactory, backend_stub: Service, tmp_path: Path) -> None:

@@ -422,6 +422,9 @@ def test_target_colours_are_stable() -> None:
     assert len(set(colours.values())) == 3
     assert target_colours(["nginx"])["nginx"] == colours["nginx"] == PALETTE[1]
     assert CHART_NAMES["proxy"] == "uvgate"
+    every = target_colours(["direct", "nginx", "haproxy", "caddy", "proxy", "jwt", "limits", "nometrics", "accesslog"])
+    assert len(set(every.values())) == 9, "every target of a full run with the switched uvgates has its own colour"
+    assert target_colours(["accesslog"]) == {"accesslog": every["accesslog"]}
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:

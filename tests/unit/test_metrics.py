@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.auth.introspect import Introspector
+from proxy.auth.jwks import JwksSource
+from proxy.auth.jwt import JwtAuthority
+from proxy.auth.step import FAILURE_REASONS, MISSING_TOKEN, AuthStep, Verdict
 from proxy.config import build
-from proxy.errors import ConfigError
-from proxy.metrics import BUCKETS, Histogram
+from proxy.errors import ConfigError, ProxyError
+from proxy.metrics import BUCKETS, Histogram, RequestCounts
 from proxy.metricsio import MetricsDirectory, ProcessFiles, SupervisorCollector
 from proxy.status import StatsHistory, Totals, quantile
+from tests.fakes import FakeDownstream, make_exchange, worker_state
 
 BASE = {"upstreams": {"b": {"servers": ["127.0.0.1:9"]}}, "routes": [{"prefix": "/", "upstream": "b"}]}
 
@@ -159,3 +164,40 @@ def test_stats_report_rate_limit_rejections_by_route_limit_and_kind_and_the_redi
     report = report_of(redis)
     assert report["redis"] == {"round_trips": 42, "errors": 2, "fail_open": 9}
     assert report["ratelimit_rejections"] == []
+
+
+def _answers(owner: object) -> set[str]:
+    """The error codes of the answers an auth object holds ready (errors, verdicts with one, dicts of them)."""
+    codes: set[str] = set()
+    for name in dir(owner):  # compiled classes (AuthStep) have neither __dict__ nor __slots__ to read
+        value = getattr(owner, name)
+        for item in value.values() if isinstance(value, dict) else (value,):
+            error = item.error if isinstance(item, Verdict) else item
+            if isinstance(error, ProxyError):
+                codes.add(error.detail)
+    return codes
+
+
+def test_auth_failures_count_exactly_the_codes_the_auth_steps_answer_with() -> None:
+    config = build(
+        {
+            **BASE,
+            "auth": {
+                "jwt": {"algorithms": ["RS256"], "jwks_url": "http://127.0.0.1:9/jwks"},
+                "introspect": {"url": "http://127.0.0.1:9/introspect"},
+            },
+        }
+    )
+    assert config.auth.jwt is not None and config.auth.introspect is not None
+    state = worker_state(config)
+    jwks = JwksSource(config.auth.jwt, "api", state)
+    authorities = (JwtAuthority(config.auth.jwt, "api", jwks), Introspector(config.auth.introspect, "api", state))
+    answered = set().union(*(_answers(o) for o in (jwks, *authorities, AuthStep(authorities[0], ("read",), "api"))))
+    assert answered == FAILURE_REASONS, "every code answered is a reason, every reason is answered"
+
+    counts = RequestCounts()
+    worker = worker_state()
+    worker.finished.append(counts.exchange_finished)
+    for code in [*sorted(FAILURE_REASONS), "no_route", "upstream_timeout", MISSING_TOKEN]:
+        make_exchange(FakeDownstream(), worker).fail(ProxyError(code))
+    assert counts.auth_failures == {code: 2 if code == MISSING_TOKEN else 1 for code in FAILURE_REASONS}
