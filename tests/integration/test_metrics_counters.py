@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 from pathlib import Path
 
 import orjson
@@ -62,18 +61,18 @@ def test_auth_failures_jwt_cache_connect_errors_and_pool_waits(
     assert get(proxy, "/api/x", token).status == 403  # insufficient_scope (a hit: the token is cached)
     assert raw_request(proxy.host, proxy.port, "GET", "/down/x", timeout=10.0).status == 503
 
-    # Two requests at once on an upstream with one connection: the second waits in the pool queue.
-    results: list[int] = []
-
-    def slow() -> None:
-        results.append(raw_request(proxy.host, proxy.port, "GET", "/delay?ms=300", timeout=10.0).status)
-
-    threads = [threading.Thread(target=slow) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15.0)
-    assert results == [200, 200]
+    # Two requests at once on an upstream with one connection: the second waits in the pool queue. Both
+    # are sent before either answer is read (threads could start so far apart under load that the first
+    # had its answer before the second was sent: nothing would wait).
+    clients = [socket.create_connection((proxy.host, proxy.port), timeout=10.0) for _ in range(2)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /delay?ms=300 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        results = [read_until_close(client)[:12] for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert results == [b"HTTP/1.1 200", b"HTTP/1.1 200"]
 
     narrow = ("uvgate_requests_total", (("code", "200"), ("method", "GET"), ("route", "narrow")))
 
@@ -105,3 +104,11 @@ def test_auth_failures_jwt_cache_connect_errors_and_pool_waits(
     assert [line["subject"] for line in logged if line["route"] == "echo"] == [None, None, "k1", "k1", "k1"]
     assert all(line["subject"] is None for line in logged if line["route"] != "echo")
     assert token not in (tmp_path / "access.log").read_text()
+
+
+def read_until_close(sock: socket.socket) -> bytes:
+    """Everything `sock` receives until the peer closes (within the socket's timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
