@@ -235,7 +235,8 @@ def upstream_headers(
         request_id = new_id()
     xff = scan.xff
     if xff is None:
-        lines = b"".join((origin, host, policy.tail, request_id, b"\r\n"))
+        # (printf-style bytes of bytes operands: one allocation in compiled code, where a join takes a tuple)
+        lines = b"%s%s%s%s\r\n" % (origin, host, policy.tail, request_id)
     else:
         lines = policy.forward_lines(client=client, scheme=scheme, host=host, xff=xff, request_id=request_id)
     return headers, request_id, lines
@@ -263,18 +264,12 @@ class ForwardPolicy:
         """The header lines the proxy adds to an upstream request (HTTP/1.1 encoding, each ending CRLF):
         X-Forwarded-For (appended to the client's), X-Forwarded-Proto (the real scheme),
         X-Forwarded-Host, Via (when configured) and the request id."""
-        return b"".join(
-            (
-                b"x-forwarded-for: ",
-                client if xff is None else b"%s, %s" % (xff, client),
-                b"\r\nx-forwarded-proto: ",
-                scheme,
-                b"\r\nx-forwarded-host: ",
-                host,
-                b"\r\n",
-                self.via_line,
-                self.request_id_line,
-                request_id,
-                b"\r\n",
-            )
+        forwarded_for = client if xff is None else b"%s, %s" % (xff, client)
+        return b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: %s\r\n%s%s%s\r\n" % (
+            forwarded_for,
+            scheme,
+            host,
+            self.via_line,
+            self.request_id_line,
+            request_id,
         )
