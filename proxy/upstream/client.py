@@ -138,7 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.write_paused = False  # our write buffer is above the high-water mark (kept across exchanges)
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # when it last went back to its pool (set here: the pool reads it)
         self.requests = 0
         # Per-exchange state
         self.exchange: Exchange | None = None
@@ -192,7 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None:
             self.attach(exchange)
         else:
-            self.cluster.release(self.server, self, now)  # its exchange is gone: the connection is still good
+            self.idle_since = now
+            self.cluster.release(self.server, self)  # its exchange is gone: the connection is still good
 
     def unpark(self, exchange: Exchange, timed_out: bool) -> None:
         """`exchange` gives up on this connection: its connect is cancelled, or the connection dropped."""
@@ -465,7 +466,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self.keep_alive and exchange.body_done and not self.closed:
-            self.cluster.release(self.server, self, self.state.now)
+            self.idle_since = self.state.now
+            self.cluster.release(self.server, self)
         else:
             self.close()
 
