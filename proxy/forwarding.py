@@ -39,6 +39,10 @@ FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 # Headers the proxy sets itself on every forwarded request; client copies are dropped or rewritten.
 FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
 
+# ASCII lower-casing as a translation table: `value.translate(ASCII_LOWER)` is what `value.lower()` returns
+# (both change A-Z only), but compiled code calls `translate` natively where `lower` is a Python method call.
+ASCII_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+
 # How `HeadScan` treats a request header (by lower-cased name); anything else is forwarded as is.
 KIND_FORWARD: Final = 0
 KIND_HOST: Final = 1
@@ -122,7 +126,7 @@ class HeadScan:
         Values the proxy interprets are trimmed of surrounding whitespace (optional whitespace is not part
         of a field value); forwarded values are passed on as received.
         """
-        kind = self.kinds.get(name.lower(), KIND_FORWARD)
+        kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
             return
@@ -181,7 +185,7 @@ def nominated(connection: bytes | None) -> frozenset[bytes]:
     if connection is None:
         return frozenset()
     if len(connection) <= 10:
-        option = connection.lower()
+        option = connection.translate(ASCII_LOWER)
         if option == b"keep-alive" or option == b"close":  # the usual value: nothing nominated
             return frozenset()
     return frozenset(connection_tokens(connection) - _OPTIONS)
