@@ -1,6 +1,6 @@
 """The request path in one process, without sockets: a deterministic measure for hot-path work.
 
-`python -m bench.hotpath [--requests N] [--shape plain|realistic]` feeds N keep-alive requests through
+`python -m bench.hotpath [--requests N] [--shape plain|realistic] [--metrics]` feeds N keep-alive requests through
 `HttpProtocol` -> `Gateway` -> `Cluster` -> `UpstreamConnection` and one pooled upstream connection,
 with in-memory transports, and prints µs per request (best of 5). Wall-clock figures on a shared VM
 swing by tens of percent; instruction counts do not:
@@ -25,6 +25,7 @@ from proxy.exchange import Exchange
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
 from proxy.http1.protocol import Http1Settings, HttpProtocol
+from proxy.metrics import RequestCounts
 from proxy.ratelimit.services import LimitServices
 from proxy.server import WorkerState
 from proxy.upstream.client import UpstreamConnection
@@ -131,6 +132,9 @@ def main() -> int:
         help="the upstream's answer: backend_stub's head, or NGINX's (with its Connection: keep-alive line)",
     )
     parser.add_argument("--warmup", type=int, default=200, help="requests before the timed rounds (default 200)")
+    parser.add_argument(
+        "--metrics", action="store_true", help="count requests in metrics.RequestCounts (a worker does by default)"
+    )
     args = parser.parse_args()
     raw: dict[str, Any] = {
         "server": {"access_log": False},
@@ -145,6 +149,8 @@ def main() -> int:
     config = build(raw)
     state = WorkerState(Loop(), config)  # type: ignore[arg-type]
     limits = LimitServices(config, state)
+    if args.metrics:
+        state.finished.append(RequestCounts().exchange_finished)
     conns: list[UpstreamConnection] = []
 
     def connector(server: ServerPool, exchange: Exchange) -> UpstreamConnection:

@@ -125,7 +125,7 @@ class WorkerState:
     def next_request_id(self) -> bytes:
         """`<12 random hex digits of this worker>-<a counter>`: unique across workers and restarts."""
         self._id_counter += 1
-        return self._id_prefix + str(self._id_counter).encode()
+        return b"%s%d" % (self._id_prefix, self._id_counter)
 
     def start(self) -> None:
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)

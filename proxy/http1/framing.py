@@ -17,7 +17,7 @@ import orjson
 
 from proxy.errors import BadGateway, BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
-from proxy.forwarding import FRAMING, HOP_BY_HOP, connection_tokens
+from proxy.forwarding import ASCII_LOWER, FRAMING, HOP_BY_HOP, connection_tokens
 
 REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: Final[dict[int, bytes]] = {
@@ -80,7 +80,7 @@ class ResponseHeadRewriter:
         `chunked<TAB>`), two of them, or one with a Content-Length is answered 502 (BadGateway raised).
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
-        low = head.lower()
+        low = head.translate(ASCII_LOWER)
         names: list[bytes] = self.quick.findall(low)
         count = len(names)
         if count == 0 or (count == 1 and names[0] == b"content-length"):

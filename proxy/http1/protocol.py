@@ -684,7 +684,7 @@ class HttpProtocol(asyncio.Protocol):
             head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
             kind = BODY_LENGTH
         if self.transport is not None and not self.closing:
-            data = b"".join((self._head(exchange, status, head, kind), body))
+            data = self._head(exchange, status, head, kind) + body
             exchange.bytes_out += len(data)
             self.write(data)
         if exchange is self.active:
@@ -706,32 +706,19 @@ class HttpProtocol(asyncio.Protocol):
         self.resp_keep_alive = keep
         settings = self.settings
         added = exchange.response_headers
-        if added is None:
-            return b"".join(
-                (
-                    head,
-                    settings.request_id_line,
-                    exchange.request_id,
-                    settings.via_line,
-                    _CHUNKED_LINE if chunked else b"",
-                    _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE),
-                    b"\r\n\r\n",
-                )
-            )
-        parts = [head, settings.request_id_line, exchange.request_id, settings.via_line]
-        for name, value in added:  # one join for the whole head (no formatting per header)
-            parts.append(b"\r\n")
-            parts.append(name)
-            parts.append(b": ")
-            parts.append(value)
-        if chunked:
-            parts.append(_CHUNKED_LINE)
-        if not keep:
-            parts.append(_CLOSE_LINE)
-        elif not http11:
-            parts.append(_KEEP_ALIVE_LINE)
-        parts.append(b"\r\n\r\n")
-        return b"".join(parts)
+        lines = b"" if added is None else b"".join([b"\r\n%s: %s" % (name, value) for name, value in added])
+        framing = _CHUNKED_LINE if chunked else b""
+        connection = _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE)
+        # printf-style with bytes operands: compiled code copies them into one new object, no tuple.
+        return b"%s%s%s%s%s%s%s\r\n\r\n" % (
+            head,
+            settings.request_id_line,
+            exchange.request_id,
+            settings.via_line,
+            lines,
+            framing,
+            connection,
+        )
 
     def response_body(self, exchange: Exchange, data: bytes) -> None:
         self.out.append(chunk(data) if self.resp_chunked else data)

@@ -35,23 +35,24 @@ _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 def request_head(exchange: Exchange) -> list[bytes]:
     """The upstream request head as pieces to join; hop-by-hop headers were dropped when parsing."""
-    parts = [exchange.method, b" ", exchange.target, b" HTTP/1.1\r\nhost: ", exchange.host, b"\r\n"]
-    append = parts.append
+    # `parts.append`, not a saved bound method: compiled code appends to a list natively, but calls a
+    # saved `append` as a Python object.
+    parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (exchange.method, exchange.target, exchange.host)]
     for name, value in exchange.headers:
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
-    append(exchange.forward_lines)
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    parts.append(exchange.forward_lines)
     kind = exchange.body_kind
     if kind == BODY_LENGTH:
-        append(b"content-length: %d\r\n\r\n" % exchange.content_length)
+        parts.append(b"content-length: %d\r\n\r\n" % exchange.content_length)
     elif kind == BODY_CHUNKED:
-        append(b"transfer-encoding: chunked\r\n\r\n")
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
     elif exchange.method in _BODY_METHODS:
-        append(b"content-length: 0\r\n\r\n")
+        parts.append(b"content-length: 0\r\n\r\n")
     else:
-        append(b"\r\n")
+        parts.append(b"\r\n")
     return parts
 
 
@@ -137,7 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.write_paused = False  # our write buffer is above the high-water mark (kept across exchanges)
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # when it last went back to its pool (set here: the pool reads it)
         self.requests = 0
         # Per-exchange state
         self.exchange: Exchange | None = None
@@ -191,7 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None:
             self.attach(exchange)
         else:
-            self.cluster.release(self.server, self, now)  # its exchange is gone: the connection is still good
+            self.idle_since = now
+            self.cluster.release(self.server, self)  # its exchange is gone: the connection is still good
 
     def unpark(self, exchange: Exchange, timed_out: bool) -> None:
         """`exchange` gives up on this connection: its connect is cancelled, or the connection dropped."""
@@ -464,7 +466,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self.keep_alive and exchange.body_done and not self.closed:
-            self.cluster.release(self.server, self, self.state.now)
+            self.idle_since = self.state.now
+            self.cluster.release(self.server, self)
         else:
             self.close()
 

@@ -35,7 +35,7 @@ LOG_INTERVAL: Final = 10.0  # seconds between two log lines about one server and
 class PooledConnection(Protocol):
     """What the pool needs from a connection."""
 
-    idle_since: float
+    idle_since: float  # when it last went idle: set by the connection itself before `Cluster.release`
 
     @property
     def usable(self) -> bool:
@@ -73,7 +73,7 @@ class ServerPool:
     def checkout(self, now: float) -> PooledConnection | None:
         """The most recently used live idle connection, or None."""
         idle = self.idle
-        limit = self.cluster.config.idle_timeout
+        limit = self.cluster.idle_timeout
         while idle:
             conn = idle.pop()
             if conn.usable and now - conn.idle_since < limit:
@@ -88,11 +88,12 @@ class ServerPool:
 class Cluster:
     """The servers of one named upstream, as seen by one worker."""
 
-    __slots__ = ("_rr", "config", "connector", "name", "servers", "waiters")
+    __slots__ = ("_rr", "config", "connector", "idle_timeout", "name", "servers", "waiters")
 
     def __init__(self, config: UpstreamConfig, connector: Connector) -> None:
         self.config = config
         self.name = config.name
+        self.idle_timeout = config.idle_timeout  # read per request: a native attribute, not the config's
         self.connector = connector
         self.servers = [ServerPool(self, address) for address in config.servers]
         self.waiters: deque[Exchange] = deque()
@@ -108,7 +109,7 @@ class Cluster:
             idle = server.idle
             if idle:
                 top = idle.pop()
-                if top.usable and now - top.idle_since < self.config.idle_timeout:
+                if top.usable and now - top.idle_since < self.idle_timeout:
                     top.attach(exchange)
                     return
                 top.close()
@@ -168,15 +169,15 @@ class Cluster:
 
     # ------------------------------------------------------------------ connection lifecycle
 
-    def release(self, server: ServerPool, conn: PooledConnection, now: float) -> None:
-        """A connection finished a response and can be reused: the first waiter takes it, else it idles."""
+    def release(self, server: ServerPool, conn: PooledConnection) -> None:
+        """A connection finished a response and can be reused (it set its `idle_since`): the first waiter
+        takes it, else it idles."""
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if waiter.phase == PHASE_WAIT_CONNECTION:
                 conn.attach(waiter)
                 return
-        conn.idle_since = now
         server.idle.append(conn)
 
     def discard(self, server: ServerPool, conn: PooledConnection | None, now: float) -> None:
@@ -258,7 +259,7 @@ class Cluster:
 
     def sweep(self, now: float) -> None:
         """Close idle connections past `idle_timeout` (a tick subscriber); oldest are at the left end."""
-        limit = self.config.idle_timeout
+        limit = self.idle_timeout
         for server in self.servers:
             idle = server.idle
             while idle and (now - idle[0].idle_since >= limit or not idle[0].usable):

@@ -440,7 +440,8 @@ def test_retry_after_connect_failure_uses_an_idle_connection_of_another_server()
     idle = [FakeConn("b1"), FakeConn("b2")]
     for conn in idle:  # B's whole budget is idle keep-alive connections
         b.open += 1
-        cluster.release(b, conn, now=0.0)
+        conn.idle_since = 0.0
+        cluster.release(b, conn)
     down = FakeDownstream()
     exchange = make_exchange(down)
     cluster._rr = 0  # round robin: A first

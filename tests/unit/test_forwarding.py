@@ -11,6 +11,7 @@ import pytest
 from proxy.errors import BadRequest
 from proxy.exchange import BODY_LENGTH, Exchange
 from proxy.forwarding import (
+    ASCII_LOWER,
     FRAMING,
     HOP_BY_HOP,
     ForwardPolicy,
@@ -187,3 +188,9 @@ def test_the_hop_by_hop_list_exists_once() -> None:
         if re.search(r"proxy-connection", path.read_text())
     ]
     assert holders == ["forwarding.py"], holders
+
+
+def test_ascii_lower_lowers_as_bytes_lower_does() -> None:
+    """The translation table the hot path lower-cases names and heads with is `bytes.lower`, byte for byte."""
+    every = bytes(range(256))
+    assert every.translate(ASCII_LOWER) == every.lower()

@@ -33,6 +33,12 @@ def exchange(down: FakeDownstream) -> Exchange:
     return make_exchange(down)
 
 
+def release(cluster: Cluster, server: ServerPool, conn: FakeConn, now: float) -> None:
+    """Give `conn` back as a connection does: its idle clock set first."""
+    conn.idle_since = now
+    cluster.release(server, conn)
+
+
 def test_connects_then_reuses_lifo() -> None:
     cluster, connects = make()
     down = FakeDownstream()
@@ -43,8 +49,8 @@ def test_connects_then_reuses_lifo() -> None:
     server = connects[0][0]
     a, b = FakeConn("a"), FakeConn("b")
     server.open = 2
-    cluster.release(server, a, now=1.0)
-    cluster.release(server, b, now=2.0)
+    release(cluster, server, a, now=1.0)
+    release(cluster, server, b, now=2.0)
     nxt = exchange(down)
     cluster.dispatch(nxt, now=3.0)
     assert b.attached == [nxt] and nxt.phase == PHASE_WAIT_RESPONSE  # most recently used first
@@ -56,10 +62,10 @@ def test_idle_connections_expire_at_checkout_and_in_sweep() -> None:
     server = cluster.servers[0]
     old, fresh = FakeConn("old"), FakeConn("fresh")
     server.open = 2
-    cluster.release(server, old, now=0.0)
+    release(cluster, server, old, now=0.0)
     cluster.sweep(now=5.0)
     assert not old.closed
-    cluster.release(server, fresh, now=9.0)
+    release(cluster, server, fresh, now=9.0)
     cluster.sweep(now=10.5)
     assert old.closed and not fresh.closed
     stale = FakeConn("stale")
@@ -84,7 +90,7 @@ def test_limit_queues_waiters_fifo_and_release_hands_over() -> None:
     server = cluster.servers[0]
     second.cancel()  # its client went away: it leaves the queue at once
     assert list(cluster.waiters) == [third]
-    cluster.release(server, conn, now=1.0)
+    release(cluster, server, conn, now=1.0)
     assert conn.attached == [third]
     assert not server.idle
 
@@ -208,5 +214,5 @@ def test_a_waiter_that_is_not_waiting_any_more_is_skipped() -> None:
     stray = make_exchange(down, worker)  # queued by mistake: never waited here
     cluster.waiters.appendleft(stray)
     conn = FakeConn("c")
-    cluster.release(cluster.servers[0], conn, now=1.0)
+    release(cluster, cluster.servers[0], conn, now=1.0)
     assert conn.attached == [second]
