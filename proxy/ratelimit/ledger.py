@@ -21,24 +21,29 @@ requests of a window are decided by Redis itself: a subject's sequential request
 sync interval get exactly the limit whatever the number of workers (faster ones may also be admitted
 from a share another worker's spending has made stale: the README's bound).
 
-A share is good for its *life* after its reply: how long the remaining budget lasts at the subject's
-global rate (its count over the part of the window gone, or the window before's rate if higher), over
-`LIFE_MARGIN`, never less than `share_ttl` nor more than a window. An entry idle longer learns again
-before it admits (a subject never seen also learns first): a stale share could admit what the other
-workers spent meanwhile. Near the limit a life is `share_ttl`; far from it, a whole window. Pending
-increments go in the next batch once half the life (less `share_ttl`) has passed since the reply, or
-at once when half the share is spent (an early sync, so that the share is renewed before it runs out):
-so a busy subject near its limit is sent every sync, and one far from it about twice per life, which
-is what keeps sparse subjects (many subjects, few requests each) from costing a command per request. At
-a window edge an entry rolls over: what it had not sent goes in the next batch under the old window's
-key, and the new window starts known at zero if the edge is less than a life (from the window before's
-rate) ago (every worker's share of a fresh window comes from the full limit), else it learns first.
+A share is good for `share_ttl` seconds after its reply, and the entry's increments go with every
+sync: an entry idle longer learns again before it admits (a subject never seen also learns first), as
+a stale share could admit what the other workers spent meanwhile. That costs sparse subjects (many
+subjects, few requests each) a Redis command per request, and a wait when they come back; so a subject
+far from its limit *defers* instead: while the remaining budget gives a share of at least
+`DEFER_MIN_SHARE` when divided by `DEFER_DIVISOR` (100 x the largest worker count), its share is that
+(whatever the worker estimate), good to the end of the window, and its increments are sent when half of
+it is spent (an early sync) or with the window's end; a subject that spends half such a share within
+`share_ttl` is no sparse one (its requests would wait a round trip every few dozen) and gets the shares
+above for the rest of the window. Up to `MAX_WORKERS` workers deferring on one
+subject then hold at most 1 % of the remaining budget unseen by each other, whatever their rates do,
+and need no worker estimate (it is not updated while deferring, and starts again from `MAX_WORKERS`
+when the entry stops deferring). Once the remaining budget is smaller, the entry is back to the shares
+above, sent every sync. A share half spent asks for an early sync in either case (so it is renewed
+before it runs out). At a window edge an entry rolls over: what it had not sent goes in the next batch
+under the old window's key, and the new window starts known at zero if the edge is less than
+`share_ttl` ago (every worker's share of a fresh window comes from the full limit), else it learns
+first.
 
 `take_batch` hands the sync the increments to send (moving them from pending to in flight), `apply`
 takes the totals Redis answered, `failed` forgets a batch that got no answer (its increments are not
-sent again: Redis may have applied them). `sweep` drops entries older than the window before the current one that hold
-nothing to send (the window before's rate makes the next window's life), and the table never holds
-more than `max_entries` (the oldest quarter goes when it is full).
+sent again: Redis may have applied them). `sweep` drops entries of past windows that hold nothing to
+send, and the table never holds more than `max_entries` (the oldest quarter goes when it is full).
 Nothing here reads a clock or does I/O: times are Unix seconds given by the caller.
 """
 
@@ -58,7 +63,8 @@ LEARN: Final = 2  # not known well enough (new subject, stale share, share spent
 MAX_WORKERS: Final = 64.0  # the largest worker-count estimate (the smallest share is remaining / 64)
 _SMOOTHING: Final = 0.5  # weight of the past in the rate estimates
 SPREAD: Final = 2.0  # a share is the remaining budget over SPREAD x the workers: half a fair share
-LIFE_MARGIN: Final = 4.0  # a share lives a quarter of the time the remaining budget lasts at the seen rate
+DEFER_DIVISOR: Final = 100.0 * MAX_WORKERS  # a deferring share: remaining / 6,400 (64 of them: 1 % unseen)
+DEFER_MIN_SHARE: Final = 4  # a subject defers while its deferring share would be at least this
 
 
 def _nothing() -> None:
@@ -70,10 +76,13 @@ class Entry:
 
     __slots__ = (
         "asked",
+        "deferred",
         "expiry_set",
+        "fast",
         "flush_at",
         "fresh_until",
         "granted",
+        "granted_at",
         "grown",
         "inflight",
         "known",
@@ -83,7 +92,6 @@ class Entry:
         "prepaid",
         "previous",
         "queued",
-        "rate",
         "reserved",
         "reserving",
         "share",
@@ -106,10 +114,12 @@ class Entry:
         self.reserving = 0  # reservations sent, not answered yet
         self.prepaid = 0  # reservations Redis answered within the limit, not yet taken by a request
         self.known = False  # `learned` was answered for `window` (or the window is fresh)
-        self.fresh_until = 0.0  # the share is good until this Unix time (its life after its reply)
+        self.fresh_until = 0.0  # the share is good until this Unix time
         self.flush_at = 0.0  # pending increments are sent by the first batch from this Unix time
         self.granted = 0  # the share given at the last reply (half of it spent: an early sync)
-        self.rate = 0.0  # the subject's global requests per second, as seen at the last reply
+        self.deferred = False  # far from the limit: a share of remaining / DEFER_DIVISOR, sent when half spent
+        self.granted_at = 0.0  # when the share was given (a reply, or a window edge)
+        self.fast = False  # half a deferring share went within share_ttl: no deferring for the rest of the window
         self.queued = False  # in the ledger's queue (something to send, now or at `flush_at`)
         self.asked = False  # to be sent in the next batch whatever `flush_at` says (learn, share low)
         self.expiry_set = False  # this worker sent the key's expiry for `window`
@@ -160,6 +170,7 @@ class Ledger:
         "tail_hit",
         "urgent",
         "view",
+        "wall",
     )
 
     def __init__(
@@ -187,6 +198,7 @@ class Ledger:
         self.evicted = 0
         self.entry = Entry(b"", 0, 1.0)  # the entry of the last `peek` (what `commit` counts on)
         self.view = 0.0  # the count the last `peek` saw (remaining = limit - view)
+        self.wall = 0.0  # the time of the last `peek`
         self.prepaid_hit = False  # the last `peek` admitted a reservation Redis answered (counted already)
         self.tail_hit = False  # the last `peek` said LEARN in the tail: `reserve` may reserve
 
@@ -201,6 +213,7 @@ class Ledger:
         elif entry.window != window:
             self._roll(entry, window, wall)
         self.entry = entry
+        self.wall = wall
         count = entry.learned + entry.inflight + entry.pending
         if self.sliding:
             view = used(entry.previous, count, elapsed_fraction(wall, self.length, window), True)
@@ -241,9 +254,13 @@ class Ledger:
         if not entry.queued:
             entry.queued = True
             self.queue.append(entry)
-        if entry.share * 2 <= entry.granted and not entry.asked:
-            # Half the share is spent: renew it before it runs out (requests would wait).
+        if entry.share <= 0:
+            self._urge()
+        elif entry.deferred and entry.share * 2 <= entry.granted and not entry.asked:
+            # Half a deferring share is spent: send it and renew it before it runs out (requests would wait);
+            # spent that fast, the subject is no sparse one: worker-estimate shares for the rest of the window.
             entry.asked = True
+            entry.fast = self.wall - entry.granted_at < self.share_ttl
             self._urge()
 
     def reserve(self) -> None:
@@ -286,13 +303,10 @@ class Ledger:
         edge = window * self.length
         # A window that began less than a share's life ago is known: nobody can have spent more of it
         # than the shares of a fresh window give.
-        rate = entry.previous / self.length if window == old + 1 else 0.0
-        if rate > entry.rate:
-            entry.rate = rate
-        life = self._life(self.limit, entry.rate)
-        entry.known = wall - edge < life
+        entry.fast = False
+        entry.known = wall - edge < self.share_ttl
         if entry.known:
-            self._grant(entry, edge, life, wall)
+            self._grant(entry, edge, wall)
 
     def _ask(self, entry: Entry) -> None:
         entry.asked = True
@@ -306,24 +320,25 @@ class Ledger:
             self.urgent = True
             self.on_urgent()
 
-    def _life(self, remaining: float, rate: float) -> float:
-        """How long a share computed with `remaining` left is good at `rate` requests per second in all."""
-        life = self.length
-        if rate > 0.0:
-            life = remaining / (LIFE_MARGIN * rate)
-            if life > self.length:
-                life = self.length
-        return life if life > self.share_ttl else self.share_ttl
-
-    def _grant(self, entry: Entry, since: float, life: float, wall: float) -> None:
-        """A new share for `entry`, good for `life` from `since` (its pending sent from half the life on)."""
-        entry.fresh_until = since + life
-        # Sent a round trip's budget before the share goes stale (so that its renewal lands in time); a
-        # share good to the end of the window is sent at its end (the window before's count makes the
-        # next one's rate).
-        end = (entry.window + 1) * self.length
-        entry.flush_at = since + life - self.share_ttl if since + life < end else end
-        entry.share = self._share(entry, wall)
+    def _grant(self, entry: Entry, since: float, wall: float) -> None:
+        """A new share for `entry` from a view of `since` (a reply, or a window edge known at zero)."""
+        count = entry.learned + entry.inflight + entry.pending
+        fraction = elapsed_fraction(wall, self.length, entry.window)
+        deferring = int((self.limit - used(entry.previous, count, fraction, self.sliding)) / DEFER_DIVISOR)
+        entry.granted_at = since
+        if deferring >= DEFER_MIN_SHARE and not entry.fast:
+            entry.deferred = True
+            entry.tail = False
+            entry.share = deferring
+            entry.fresh_until = entry.flush_at = (entry.window + 1) * self.length
+        else:
+            if entry.deferred:  # the growth seen while deferring says nothing of the workers: start over
+                entry.deferred = False
+                entry.own = entry.grown = 0.0
+                entry.workers = MAX_WORKERS
+            entry.share = self._share(entry, wall)
+            entry.fresh_until = since + self.share_ttl
+            entry.flush_at = since
         entry.granted = entry.share
 
     def _share(self, entry: Entry, wall: float) -> int:
@@ -342,9 +357,8 @@ class Ledger:
         return share
 
     def sweep(self, wall: float) -> int:
-        """Drop entries older than the window before the current one with nothing to send or in flight
-        (an entry of the window before keeps its rate for the next window's life); how many were dropped."""
-        window = window_of(wall, self.length) - 1
+        """Drop entries of past windows with nothing to send or in flight; how many were dropped."""
+        window = window_of(wall, self.length)
         stale = [
             subject
             for subject, entry in self.entries.items()
@@ -380,8 +394,8 @@ class Ledger:
         self.carry = []
         kept: list[Entry] = []
         for entry in self.queue:
-            if not entry.asked and not entry.pending:
-                entry.queued = False  # what it had went with a window edge (`carry`)
+            if entry.deferred and not entry.asked and not entry.pending:
+                entry.queued = False  # what it had went with a window edge (`carry`), nothing to learn
                 continue
             if not entry.asked and wall < entry.flush_at:
                 kept.append(entry)  # far from its limit: sent later, with what else it admits meanwhile
@@ -414,7 +428,7 @@ class Ledger:
             entry.inflight -= sent.count
             entry.reserving -= sent.reserved
             grown = total - entry.learned if entry.known else total
-            if sent.count or grown > 0:
+            if not entry.deferred and (sent.count or grown > 0):
                 entry.own = entry.own * _SMOOTHING + sent.count
                 entry.grown = entry.grown * _SMOOTHING + (grown if grown > sent.count else sent.count)
                 workers = entry.grown / entry.own if entry.own >= 0.5 else MAX_WORKERS
@@ -435,16 +449,7 @@ class Ledger:
                 if fits > 0:
                     entry.prepaid += fits
             entry.known = True
-            # The subject's global rate: its count over the part of the window gone (at least a share's
-            # minimal life of it), or the window before's, whichever is higher.
-            fraction = elapsed_fraction(wall, self.length, entry.window)
-            gone = fraction * self.length
-            rate = total / (gone if gone > self.share_ttl else self.share_ttl)
-            before = entry.previous / self.length
-            entry.rate = rate if rate > before else before
-            count = total + entry.inflight + entry.pending
-            remaining = self.limit - used(entry.previous, count, fraction, self.sliding)
-            self._grant(entry, wall, self._life(remaining, entry.rate), wall)
+            self._grant(entry, wall, wall)
 
     def failed(self, batch: list[Sent]) -> None:
         """`batch` got no answer: its in-flight increments are dropped (not sent again), its entries learn again."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -144,7 +145,7 @@ class RedisSync:
                 await self.task
             self.task = None
         if self.health.up:
-            await self.round_trip()
+            await self.round_trip(final=True)
         await self._drop_client()
 
     async def _run(self) -> None:
@@ -165,9 +166,10 @@ class RedisSync:
                 answered = False
             backoff = 0.0 if answered else min(MAX_BACKOFF, max(interval, backoff * 2))
 
-    async def round_trip(self) -> bool:
-        """One sync: True when Redis answered (or there was nothing to send while healthy)."""
-        wall = time.time()
+    async def round_trip(self, final: bool = False) -> bool:
+        """One sync: True when Redis answered (or there was nothing to send while healthy). `final` (the
+        last, at close) sends every pending increment, the deferred ones too."""
+        wall = math.inf if final else time.time()
         batches = [book.ledger.take_batch(wall) for book in self.books]
         if not any(batches) and self.health.up and time.monotonic() - self._answered < PROBE_EVERY:
             return True
