@@ -12,10 +12,11 @@ import os
 
 from setuptools import setup
 
-# The request path: parsing, pipeline, upstream pools. Everything else (config, supervisor, admin,
+# The request path: parsing, pipeline, upstream pools, the access log line. Everything else (config, supervisor, admin,
 # logging) runs at startup or off the hot path and stays interpreted. errors.py stays interpreted
 # too: mypyc does not apply subclass overrides of class-level defaults on exception classes.
 HOT_MODULES = [
+    "proxy/accesslog.py",
     "proxy/auth/step.py",
     "proxy/exchange.py",
     "proxy/forwarding.py",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 if TYPE_CHECKING:
+    from proxy.config import Address
     from proxy.exchange import Exchange
 
 FLUSH_BYTES = 64 * 1024
@@ -35,12 +36,13 @@ def _open(path: str) -> int:
 class AccessLog:
     """Buffered JSON-lines writer to a file descriptor."""
 
-    __slots__ = ("_buffer", "_fd", "_size", "path", "worker")
+    __slots__ = ("_addresses", "_buffer", "_fd", "_size", "path", "worker")
 
     def __init__(self, fd: int, worker: int, path: str = "") -> None:
         self._fd = fd
         self._buffer: list[bytes] = []
         self._size = 0
+        self._addresses: dict[Address, str] = {}  # upstream servers as logged (a few, from the config)
         self.worker = worker
         self.path = path  # the file reopened on `reopen` ("": standard error, never reopened)
 
@@ -70,6 +72,11 @@ class AccessLog:
         route = exchange.route
         server = exchange.server
         upstream_ms = (exchange.t_end - exchange.t_upstream) * 1000 if exchange.t_upstream else None
+        address: str | None = None
+        if server is not None:
+            address = self._addresses.get(server)
+            if address is None:
+                address = self._addresses[server] = str(server)
         line = orjson.dumps(
             {
                 "ts": round(time.time(), 3),
@@ -82,7 +89,7 @@ class AccessLog:
                 "error": exchange.error or None,
                 "route": route.name if route is not None else None,
                 "upstream": exchange.upstream_name or None,
-                "upstream_addr": str(server) if server is not None else None,
+                "upstream_addr": address,
                 "duration_ms": round((exchange.t_end - exchange.t_start) * 1000, 3),
                 "upstream_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
                 "bytes_in": exchange.bytes_in,
