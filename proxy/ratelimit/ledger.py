@@ -30,15 +30,13 @@ far from its limit *defers* instead: while the remaining budget gives a share of
 (whatever the worker estimate), good to the end of the window, and its increments are sent when half of
 it is spent (an early sync) or with the window's end; a subject that spends half such a share within
 `share_ttl` is no sparse one (its requests would wait a round trip every few dozen) and gets the shares
-above for the rest of the window. Up to `MAX_WORKERS` workers deferring on one
-subject then hold at most 1 % of the remaining budget unseen by each other, whatever their rates do,
-and need no worker estimate (it is not updated while deferring, and starts again from `MAX_WORKERS`
-when the entry stops deferring). Once the remaining budget is smaller, the entry is back to the shares
-above, sent every sync. A share half spent asks for an early sync in either case (so it is renewed
-before it runs out). At a window edge an entry rolls over: what it had not sent goes in the next batch
-under the old window's key, and the new window starts known at zero if the edge is less than
-`share_ttl` ago (every worker's share of a fresh window comes from the full limit), else it learns
-first.
+above for the rest of the window. Up to `MAX_WORKERS` workers deferring on one subject then hold at
+most 1 % of the remaining budget unseen by each other, whatever their rates do, and need no worker
+estimate (it is not updated while deferring, and starts again from `MAX_WORKERS` when the entry stops
+deferring). Once the remaining budget is smaller, the entry is back to the shares above, sent every
+sync. At a window edge an entry rolls over: what it had not sent goes in the next batch under the old
+window's key, and the new window starts known at zero if the edge is less than `share_ttl` ago (every
+worker's share of a fresh window comes from the full limit), else it learns first.
 
 `take_batch` hands the sync the increments to send (moving them from pending to in flight), `apply`
 takes the totals Redis answered, `failed` forgets a batch that got no answer (its increments are not
