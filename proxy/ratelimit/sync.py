@@ -15,7 +15,8 @@ goes false, the parked exchanges are woken (the steps then serve on local limits
 `failure_mode`), and attempts continue with backoff (doubling from `sync_interval` to
 `MAX_BACKOFF`), a PING when there is nothing to send, until one succeeds: `up` again. With nothing to
 send while up, a PING every `PROBE_EVERY` seconds notices an outage that no increment would (a subject
-refused from its known count sends nothing). Failures are
+refused from its known count sends nothing), and every 2 x `sync_interval` + `timeout` while a ledger
+holds deferred increments (subjects far from their limit admit without round trips). Failures are
 counted and logged at most once per `LOG_EVERY` seconds; the recovery is logged once. A command that
 Redis refuses within an answered round trip (a counter key holding something else than an integer)
 fails that key only: it is logged the same way, the key is deleted (keys under `key_prefix` are the
@@ -171,8 +172,13 @@ class RedisSync:
         last, at close) sends every pending increment, the deferred ones too."""
         wall = math.inf if final else time.time()
         batches = [book.ledger.take_batch(wall) for book in self.books]
-        if not any(batches) and self.health.up and time.monotonic() - self._answered < PROBE_EVERY:
-            return True
+        if not any(batches) and self.health.up:
+            # Nothing to send: a PING now and then tells an outage. Ledgers holding deferred increments
+            # (admitting without a round trip) probe every share life, so that failure_mode acts in time.
+            holding = any(book.ledger.queue for book in self.books)
+            every = 2 * self.config.sync_interval + self.config.timeout if holding else PROBE_EVERY
+            if time.monotonic() - self._answered < every:
+                return True
         started = time.perf_counter()
         try:
             replies = await asyncio.wait_for(self._send(batches), self.config.timeout)
