@@ -459,5 +459,9 @@ class Ledger:
                 entry.expiry_set = False
                 entry.fresh_until = 0.0
 
+    def holds(self) -> bool:
+        """Whether increments wait in the queue for a later batch (deferred: far from the limit)."""
+        return bool(self.queue)
+
     def __len__(self) -> int:
         return len(self.entries)

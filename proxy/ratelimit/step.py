@@ -48,6 +48,17 @@ _REFUSALS_KEPT: Final = 4096
 _DIGITS: Final = tuple(b"%d" % n for n in range(4096))  # small counts and seconds, encoded once
 
 
+def _item(parts: list[bytes], name: bytes, remaining: bytes, reset: bytes) -> None:
+    """One `RateLimit` item (`"name";r=..;t=..`) onto `parts`, after a separator if it is not the first."""
+    if parts:
+        parts.append(b", ")
+    parts.append(name)
+    parts.append(b";r=")
+    parts.append(remaining)
+    parts.append(b";t=")
+    parts.append(reset)
+
+
 def _decimal(value: int) -> bytes:
     """`value` (>= 0) in ASCII decimal, without formatting for the small ones."""
     return _DIGITS[value] if value < 4096 else str(value).encode()
@@ -237,13 +248,7 @@ class LimitStep:
                 remaining = ledger.remaining()
                 left = _decimal(remaining)
                 reset = _decimal(_seconds(reset_after(wall, ledger.length, ledger.entry.window)))
-                if parts:
-                    parts.append(b", ")
-                parts.append(limit.quoted)
-                parts.append(b";r=")
-                parts.append(left)
-                parts.append(b";t=")
-                parts.append(reset)
+                _item(parts, limit.quoted, left, reset)
                 if least < 0 or remaining < least:
                     least, least_quota, least_remaining, least_reset = remaining, limit.quota, left, reset
             bucket = limit.bucket
@@ -252,13 +257,7 @@ class LimitStep:
                 remaining = int(tokens) if tokens > 0.0 else 0
                 left = _decimal(remaining)
                 reset = _decimal(_seconds(bucket.reset_after(tokens)))
-                if parts:
-                    parts.append(b", ")
-                parts.append(limit.local_quoted)
-                parts.append(b";r=")
-                parts.append(left)
-                parts.append(b";t=")
-                parts.append(reset)
+                _item(parts, limit.local_quoted, left, reset)
                 if least < 0 or remaining < least:
                     least, least_quota, least_remaining, least_reset = remaining, limit.local_quota, left, reset
         exchange.add_response_header(_POLICY, self.policy)

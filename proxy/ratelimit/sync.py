@@ -175,7 +175,7 @@ class RedisSync:
         if not any(batches) and self.health.up:
             # Nothing to send: a PING now and then tells an outage. Ledgers holding deferred increments
             # (admitting without a round trip) probe every share life, so that failure_mode acts in time.
-            holding = any(book.ledger.queue for book in self.books)
+            holding = any(book.ledger.holds() for book in self.books)
             every = 2 * self.config.sync_interval + self.config.timeout if holding else PROBE_EVERY
             if time.monotonic() - self._answered < every:
                 return True
