@@ -35,15 +35,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test stale compiled modules: Python imports a module's .so before its .py.
 
     mypyc puts the code of every compiled module in one shared library (uvgate__mypyc*.so at the
-    root) behind a small .so per module, so each source is compared with the oldest of them.
+    root) behind a small .so per module, so each source (.py, or .c for a hand-written extension) is
+    compared with the oldest of them.
     """
     root = Path(__file__).resolve().parent.parent
     shims = sorted((root / "proxy").rglob("*.so"))
     if not shims:
         return  # pure Python
     oldest = min(path.stat().st_mtime for path in [*shims, *root.glob("uvgate__mypyc*.so")])
-    sources = [so.with_name(so.name.split(".", 1)[0] + ".py") for so in shims]
-    stale = [str(py.relative_to(root)) for py in sources if py.stat().st_mtime > oldest]
+    stems = [so.with_name(so.name.split(".", 1)[0]) for so in shims]
+    # A mypyc module's source is its .py; a hand-written extension's (setup.py C_SOURCES) its .c.
+    sources = [stem.with_suffix(".py" if stem.with_suffix(".py").exists() else ".c") for stem in stems]
+    stale = [str(src.relative_to(root)) for src in sources if src.stat().st_mtime > oldest]
     if stale:
         pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; run `make build`", returncode=4)
 

@@ -1,9 +1,9 @@
 """Pure HTTP/1.1 framing helpers: status lines, request body framing, response head rewriting, chunks.
 
 Nothing here touches a transport; every function maps bytes to bytes and is unit-tested alone.
-The response head is never split into per-header Python objects on the hot path: one compiled
-regex finds whether the upstream head has hop-by-hop lines (or a stale request-id line); only then is
-it split into lines, once, and those left out;
+The response head is never split into per-header Python objects on the hot path: one walk over it
+(`headscan.header_lines`, in C when built) finds the offsets of its framing and hop-by-hop lines (and
+of a stale request-id line); those to leave out are cut out between slices;
 `head_pairs` splits it for a downstream that needs (name, value) pairs (HTTP/2).
 """
 
@@ -18,6 +18,7 @@ import orjson
 from proxy.errors import BadGateway, BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.forwarding import ASCII_LOWER, FRAMING, HOP_BY_HOP, connection_tokens
+from proxy.http1.headscan import header_lines
 
 REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: Final[dict[int, bytes]] = {
@@ -45,31 +46,30 @@ def _hop_regex(extra: tuple[bytes, ...]) -> re.Pattern[bytes]:
 
 _CONNECTION_VALUE: Final = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _OPTIONS: Final = frozenset((b"close", b"keep-alive"))  # Connection options that name no header
+# Indexes into ResponseHeadRewriter.names.
+_CONTENT_LENGTH: Final = 0
+_TRANSFER_ENCODING: Final = 1
+_CONNECTION: Final = 2
 
 
 class ResponseHeadRewriter:
     """Removes hop-by-hop lines and `drop` headers from an upstream response head.
 
-    `inspect` finds, in one regex pass over the lower-cased head, the names of the lines the proxy must
-    look at (framing, hop-by-hop, `drop`), so the common response (Content-Length only) needs nothing
-    more; one with other such lines is split into lines once and those are left out. `clean` (one
+    `inspect` finds, in one walk over the head (`header_lines`, in C when built), the lines the proxy
+    must look at (framing, hop-by-hop, `drop`), so the common response (Content-Length only) needs
+    nothing more; one with other such lines is rebuilt from the slices between them. `clean` (one
     case-insensitive regex pass) also removes what a Connection header nominates beyond close and
     keep-alive.
     """
 
-    __slots__ = ("_pattern", "firsts", "names", "quick")
+    __slots__ = ("_pattern", "names")
 
     def __init__(self, drop: tuple[bytes, ...] = ()) -> None:
         drop = tuple(name.lower() for name in drop)
         self._pattern = _hop_regex(drop)
-        # The lower-cased names of the lines `inspect` looks at, and a table of their first bytes.
-        self.names: frozenset[bytes] = frozenset(HOP_BY_HOP | set(drop) | {b"content-length"})
-        firsts = bytearray(256)
-        for name in self.names:
-            firsts[name[0]] = 1
-        self.firsts = bytes(firsts)
-        # Applied to the lower-cased head: a case-sensitive pattern is several times cheaper.
-        self.quick = re.compile(rb"\r\n(" + _alternation(self.names) + rb")[ \t]*:")
+        # The lower-case names of the lines `inspect` looks at; the first three at fixed indexes.
+        rest = (HOP_BY_HOP | set(drop)) - {b"content-length", b"transfer-encoding", b"connection"}
+        self.names: tuple[bytes, ...] = (b"content-length", b"transfer-encoding", b"connection", *sorted(rest))
 
     def inspect(self, head: bytes, status: int, head_request: bool) -> tuple[BodyKind, bytes]:
         """Body framing of an upstream response (RFC 9112 6.3) and its head made ready for the client.
@@ -80,12 +80,10 @@ class ResponseHeadRewriter:
         `chunked<TAB>`), two of them, or one with a Content-Length is answered 502 (BadGateway raised).
         """
         bodiless = head_request or status < 200 or status == 204 or status == 304
-        low = head.translate(ASCII_LOWER)
-        names: list[bytes] = self.quick.findall(low)
-        count = len(names)
-        if count == 0 or (count == 1 and names[0] == b"content-length"):
-            # The usual response: nothing to remove, framed by Content-Length or by the close (one
-            # findall of the names alone: two method calls and a list of one, no match objects).
+        found = header_lines(head, self.names)
+        count = len(found)
+        if count == 0 or (count == 4 and found[0] == _CONTENT_LENGTH):
+            # The usual response: nothing to remove, framed by Content-Length or by the close.
             if bodiless:
                 kind = BODY_NONE
             elif count:
@@ -95,49 +93,41 @@ class ResponseHeadRewriter:
             if not head.startswith(b"HTTP/1.1 "):
                 head = b"HTTP/1.1 " + head.partition(b" ")[2]
             return kind, head
-        # Lines to leave out (say NGINX's `Connection: keep-alive`): one split of each case, one join.
-        firsts = self.firsts
-        wanted = self.names
-        lines = head.split(b"\r\n")
-        lows = low.split(b"\r\n")
-        kept = [lines[0]]
+        # Lines to leave out (say NGINX's `Connection: keep-alive`): the slices between them, joined once.
+        kept: list[bytes] = []
+        done = 0  # head[:done] is decided
         kind = BODY_UNTIL_CLOSE
         length = False
         nominates = False  # a Connection value names more than close / keep-alive: `clean` removes those too
-        for index in range(1, len(lows)):
-            line = lows[index]
-            if line and firsts[line[0]]:
-                colon = line.find(b":")
-                if colon > 0:
-                    name = line[:colon]
-                    if name[-1] == 32 or name[-1] == 9:  # blanks before the colon
-                        name = name.rstrip(b" \t")
-                    if name in wanted:
-                        if name == b"content-length":
-                            length = True
-                            if kind != BODY_CHUNKED:
-                                kind = BODY_LENGTH
-                            kept.append(lines[index])
-                            continue
-                        if name == b"transfer-encoding":
-                            # Trailing blanks but a tab: llhttp reads `chunked<TAB>` otherwise.
-                            value = line[colon + 1 :].lstrip(b" \t").rstrip(b" ")
-                            if not bodiless and (kind == BODY_CHUNKED or value != b"chunked"):
-                                raise BadGateway("unsupported_upstream_transfer_encoding")
-                            kind = BODY_CHUNKED
-                        elif name == b"connection":
-                            value = line[colon + 1 :].strip(b" \t")
-                            if value != b"keep-alive" and value != b"close" and connection_tokens(value) - _OPTIONS:
-                                nominates = True
-                        continue  # left out
-            kept.append(lines[index])
+        for at in range(0, count, 4):
+            which = found[at]
+            if which == _CONTENT_LENGTH:
+                length = True
+                if kind != BODY_CHUNKED:
+                    kind = BODY_LENGTH
+                continue  # kept
+            start = found[at + 1]
+            if which == _TRANSFER_ENCODING:
+                # Trailing blanks but a tab: llhttp reads `chunked<TAB>` otherwise.
+                value = head[found[at + 2] + 1 : found[at + 3]].translate(ASCII_LOWER).lstrip(b" \t").rstrip(b" ")
+                if not bodiless and (kind == BODY_CHUNKED or value != b"chunked"):
+                    raise BadGateway("unsupported_upstream_transfer_encoding")
+                kind = BODY_CHUNKED
+            elif which == _CONNECTION:
+                value = head[found[at + 2] + 1 : found[at + 3]].translate(ASCII_LOWER).strip(b" \t")
+                if value != b"keep-alive" and value != b"close" and connection_tokens(value) - _OPTIONS:
+                    nominates = True
+            kept.append(head[done:start])
+            done = found[at + 3]
         if bodiless:
             kind = BODY_NONE
         elif kind == BODY_CHUNKED and length:
             raise BadGateway("ambiguous_upstream_framing")
         if nominates:
             return kind, self.clean(head)
-        head = b"\r\n".join(kept)
+        if done < len(head):
+            kept.append(head[done:])
+        head = b"".join(kept)
         if not head.startswith(b"HTTP/1.1 "):
             head = b"HTTP/1.1 " + head.partition(b" ")[2]
         return kind, head

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_hotpath_answers_every_request_and_prints_its_cost() -> None:
-    for shape in ("plain", "realistic"):
+    for shape in ("plain", "realistic", "limited"):
         done = subprocess.run(
             [sys.executable, "-m", "bench.hotpath", "--requests", "50", "--warmup", "5", "--shape", shape],
             cwd=ROOT,
