@@ -9,7 +9,7 @@ STAMP := $(VENV)/.uvgate-installed
 COMPILED := $(VENV)/.uvgate-compiled
 # The bench extra (Locust, matplotlib for the chart), installed once by `make bench`.
 BENCH_EXTRA := $(VENV)/.uvgate-bench-extra
-PROXY_SOURCES := $(wildcard proxy/*.py proxy/*/*.py proxy/*/*.c)
+PROXY_SOURCES := $(wildcard proxy/*.py proxy/*/*.py proxy/*.c)
 RUN_CONFIG ?= configs/dev.toml
 # e.g. make run ARGS="--workers 4", make bench ARGS="--runs 5 --duration 20s", make bench ARGS="--baseline main"
 ARGS ?=

@@ -35,9 +35,9 @@ HOT_MODULES = [
 ]
 
 
-# Hand-written C, small, held to a pure-Python reference by the tests: proxy/http1/_headscan.c (the
-# reference is proxy/http1/headscan.py, which a pure-Python install uses instead).
-C_SOURCES = {"proxy.http1._headscan": "proxy/http1/_headscan.c"}
+# Hand-written C, small, held to a pure-Python reference by the tests: proxy/_native.c (the
+# reference is proxy/native.py, which a pure-Python install uses instead).
+C_SOURCES = {"proxy._native": "proxy/_native.c"}
 
 
 def ext_modules() -> list[object]:

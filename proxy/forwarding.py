@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy.errors import BadRequest
+from proxy.native import visible
 
 # Headers that describe one connection, never forwarded in either direction (RFC 9110 7.6.1, plus the
 # de-facto ones). The one list of the project: the HTTP/1.1 shell, the response rewriter and the
@@ -82,6 +83,15 @@ def header_kinds(request_id_header: bytes, identity: frozenset[bytes] = frozense
     return kinds
 
 
+_SLOTS: Final = 64 * 32
+
+
+def _slot(size: int, first: int) -> int:
+    """`HeadScan.maybe`'s index for a name of `size` bytes starting with byte `first`: both cases of a
+    letter share one (as do some other bytes: the table only rules names out)."""
+    return (size if size < 64 else 63) * 32 + (first & 31)
+
+
 class HeadScan:
     """The header pairs of one request, sorted as they come (`add`), reused from request to request.
     `kinds` is the classification table (`header_kinds`)."""
@@ -94,6 +104,7 @@ class HeadScan:
         "host",
         "kinds",
         "length",
+        "maybe",
         "request_id",
         "te",
         "upgrade",
@@ -102,6 +113,12 @@ class HeadScan:
 
     def __init__(self, kinds: dict[bytes, int]) -> None:
         self.kinds = kinds
+        # A name whose (length, first letter) no name of `kinds` has is forwarded without a lookup.
+        maybe = bytearray(_SLOTS)
+        for name in kinds:
+            if name:
+                maybe[_slot(len(name), name[0])] = 1
+        self.maybe = bytes(maybe)
         self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
         self.host: bytes | None = None
         self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
@@ -126,6 +143,10 @@ class HeadScan:
         Values the proxy interprets are trimmed of surrounding whitespace (optional whitespace is not part
         of a field value); forwarded values are passed on as received.
         """
+        size = len(name)
+        if size == 0 or not self.maybe[_slot(size, name[0])]:
+            self.forward.append((name, value))
+            return
         kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
@@ -211,13 +232,9 @@ def valid_host(host: bytes) -> bool:
     return _HOST.fullmatch(host) is not None
 
 
-_IDENTITY: Final = bytes(range(256))
-_VISIBLE_ASCII: Final = bytes(range(0x21, 0x7F))
-
-
 def valid_request_id(value: bytes) -> bool:
     """A client-supplied request id we are willing to forward and echo (visible ASCII, 1 to 128 bytes)."""
-    return 0 < len(value) <= 128 and not value.translate(_IDENTITY, _VISIBLE_ASCII)
+    return 0 < len(value) <= 128 and visible(value)
 
 
 def upstream_headers(

@@ -2,7 +2,7 @@
 
 Nothing here touches a transport; every function maps bytes to bytes and is unit-tested alone.
 The response head is never split into per-header Python objects on the hot path: one walk over it
-(`headscan.header_lines`, in C when built) finds the offsets of its framing and hop-by-hop lines (and
+(`native.header_lines`, in C when built) finds the offsets of its framing and hop-by-hop lines (and
 of a stale request-id line); those to leave out are cut out between slices;
 `head_pairs` splits it for a downstream that needs (name, value) pairs (HTTP/2).
 """
@@ -18,7 +18,7 @@ import orjson
 from proxy.errors import BadGateway, BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.forwarding import ASCII_LOWER, FRAMING, HOP_BY_HOP, connection_tokens
-from proxy.http1.headscan import header_lines
+from proxy.native import header_lines
 
 REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: Final[dict[int, bytes]] = {

@@ -48,6 +48,7 @@ from proxy.exchange import (
 )
 from proxy.forwarding import ForwardPolicy, HeadScan, upstream_headers, valid_host
 from proxy.http1.framing import LAST_CHUNK, chunk, error_response, request_framing
+from proxy.native import find
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
@@ -154,6 +155,8 @@ class HttpProtocol(asyncio.Protocol):
         "idle_since",
         "in_head",
         "keeps_alive",
+        "line_heads",
+        "line_slice",
         "linger_deadline",
         "method_of",
         "n_headers",
@@ -223,6 +226,10 @@ class HttpProtocol(asyncio.Protocol):
         self.in_head = False
         self.head_raw = 0
         self.heads_begun = 0  # request heads the parser started on this connection
+        # The slice being fed when it began at a message boundary, and the `heads_begun` its first head
+        # would make (-1 otherwise): that head's request line is at its start (see `_version_11`).
+        self.line_slice = b""
+        self.line_heads = -1
         self.head_deadline = 0.0
         self.body_deadline = NEVER
         self.body_total_deadline = NEVER
@@ -363,6 +370,8 @@ class HttpProtocol(asyncio.Protocol):
         chunks_before = self.chunk_headers
         requests_before = self.requests
         heads_before = self.heads_begun
+        self.line_heads = heads_before + 1 if not self.in_head and reading is None else -1
+        self.line_slice = data
         while True:
             try:
                 self.feed(data)
@@ -381,6 +390,8 @@ class HttpProtocol(asyncio.Protocol):
                 if offset >= len(data) or self.closing or self.parse_failed:
                     break
                 data = data[offset:]
+                self.line_heads = self.heads_begun + 1 if not self.in_head and self.reading is None else -1
+                self.line_slice = data
                 continue
             except httptools.HttpParserInvalidMethodError:
                 self._protocol_error(NotImplementedByProxy("method_not_implemented"))
@@ -393,6 +404,7 @@ class HttpProtocol(asyncio.Protocol):
                     self._protocol_error(BadRequest(reason or "malformed_request"))
                 return False
             break
+        self.line_slice = b""
         if self.in_head and self.heads_begun != heads_before:
             # The head in progress began inside this slice (`head_raw` was reset then): its bytes are what
             # follows the message before it, which ends at a CRLF CRLF or with body bytes of this slice;
@@ -475,7 +487,9 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         keep_alive = self.keeps_alive()
         scan = self.scan
-        if self.requests == 0 or not keep_alive or scan.connection is not None or not self.http11:
+        if self.heads_begun == self.line_heads and self._version_11(method):
+            http11 = self.http11 = True
+        elif self.requests == 0 or not keep_alive or scan.connection is not None or not self.http11:
             version = self.parser.get_http_version()  # (formats a str: skipped for the usual 1.1 keep-alive request)
             http11 = version == "1.1"
             if not http11 and version != "1.0":
@@ -499,8 +513,8 @@ class HttpProtocol(asyncio.Protocol):
             if not valid_host(host):
                 raise BadRequest("invalid_host")
             self.valid_host = host  # the usual client sends the same Host on every request
-        # `find`, not `in`: bytes.__contains__ first tries the operand as an int and clears a TypeError.
-        if target.find(b"/.") >= 0 or target.find(b"%2") >= 0:
+        # (`native.find`: bytes.find parses its arguments from a tuple, bytes.__contains__ tries an int first)
+        if find(target, b"/.", 0) >= 0 or find(target, b"%2", 0) >= 0:
             _check_dot_segments(target)
         if host is None:
             host = b""  # HTTP/1.0 without Host
@@ -548,6 +562,14 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._pause(_PAUSE_PIPELINE)
             self.queue.append(exchange)
+
+    def _version_11(self, method: bytes) -> bool:
+        """The request line of a head that began at the start of `line_slice` says HTTP/1.1 (False: look
+        it up). llhttp accepted the line, and it starts with the method (no empty lines skipped before
+        it): its bytes are the method, a space, the target, then the version."""
+        data = self.line_slice
+        at = len(method) + len(self.url) + 1
+        return data.startswith(method) and data[at : at + 11] == b" HTTP/1.1\r\n"
 
     def on_body(self, body: bytes) -> None:
         exchange = self.reading

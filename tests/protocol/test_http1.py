@@ -64,7 +64,7 @@ def test_forwarded_head_sets_proxy_headers_and_drops_hop_by_hop() -> None:
         b"X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n"
     )
     (exchange,) = gateway.exchanges
-    head = b"".join(request_head(exchange))
+    head = request_head(exchange)
     lines = head.split(b"\r\n")
     assert lines[0] == b"GET /api/x?q=1 HTTP/1.1"
     names = [line.split(b":")[0].lower() for line in lines[1:] if line]
@@ -206,6 +206,44 @@ def test_connection_close_and_http10() -> None:
     assert not transport.closing
 
 
+def test_each_request_gets_its_own_version_however_the_stream_is_cut() -> None:
+    """The version is read from the request line's bytes when its head began a read, else from the
+    parser: 1.0 and 1.1 requests, with and without Connection, with bodies, an empty line before a
+    request line and methods of other lengths, cut into reads at random, each get their own version."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        requests: list[tuple[bytes, bytes]] = []
+        for _ in range(rng.randrange(1, 6)):
+            version = rng.choice((b"1.0", b"1.1"))
+            method = rng.choice((b"GET", b"DELETE", b"POST"))
+            target = rng.choice((b"/", b"/a/b?c=d", b"/HTTP/1.1"))
+            lines = [b"%s %s HTTP/%s" % (method, target, version), b"Host: h"]
+            connection = rng.choice((None, b"keep-alive", b"Keep-Alive", b"x"))
+            if connection is not None:
+                lines.append(b"Connection: " + connection)
+            body = b""
+            if method == b"POST":
+                body = b"x" * rng.randrange(0, 5)
+                lines.append(b"Content-Length: %d" % len(body))
+            lead = b"\r\n" if rng.random() < 0.2 else b""
+            requests.append((lead + b"\r\n".join(lines) + b"\r\n\r\n" + body, version))
+            if version == b"1.0" and connection != b"keep-alive" and connection != b"Keep-Alive":
+                break  # the connection ends with this one
+        stream = b"".join(raw for raw, _ in requests)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 6))))
+        protocol, _, gateway, _ = connect()
+        seen: list[bytes] = []
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            protocol.data_received(stream[start:end])
+            while len(seen) < len(gateway.exchanges):
+                exchange = gateway.exchanges[len(seen)]
+                seen.append(exchange.protocol)
+                respond(protocol, exchange)
+        assert seen == [b"HTTP/" + version for _, version in requests], (stream, cuts)
+
+
 def test_chunked_upstream_to_http10_client_is_close_delimited() -> None:
     protocol, transport, gateway, _ = connect()
     protocol.data_received(b"GET / HTTP/1.0\r\n\r\n")
@@ -241,7 +279,7 @@ def test_expect_100_continue_sent_when_body_wanted() -> None:
     assert not transport.buffer
     protocol.body_wanted(exchange)
     assert transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert b"expect" not in b"".join(request_head(exchange)).lower()
+    assert b"expect" not in request_head(exchange).lower()
 
 
 def test_body_before_upstream_is_buffered_with_backpressure() -> None:

@@ -210,6 +210,8 @@ def test_metrics_off_load_no_prometheus_client_until_a_reload_turns_them_on(
     proxy.send_signal(signal.SIGHUP)
     wait_for_log(proxy, r"generation 2 serving")
     assert _imported(proxy.read_log(), "prometheus_client")
+    # Until they stop, the old workers (metrics off) may still accept a connection and serve it uncounted.
+    wait_for_log(proxy, r"\(slot \d\) stopped: exit code 0", count=2)
     for _ in range(4):
         assert get(proxy)[0] == 200
     wait_until(lambda: requests_counted(scrape(proxy)) == 4, 10.0, "generation 2's 4 requests in /metrics", proxy)

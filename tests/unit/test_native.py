@@ -1,4 +1,4 @@
-"""`header_lines` in C (proxy/http1/_headscan.c) gives what its Python reference (`lines_of`) gives."""
+"""`header_lines` in C (proxy/_native.c) gives what its Python reference (`lines_of`) gives."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.http1 import headscan
-from proxy.http1.headscan import lines_of
+from proxy import native
+from proxy.native import block_of, find_of, lines_of, visible_of
 
 try:
-    from proxy.http1._headscan import header_lines as c_header_lines
+    from proxy._native import find as c_find
+    from proxy._native import header_block as c_header_block
+    from proxy._native import header_lines as c_header_lines
+    from proxy._native import visible as c_visible
 except ImportError:  # pragma: no cover - pure-Python builds have no C twin
-    c_header_lines = None
+    c_header_lines = c_header_block = c_find = c_visible = None
 
 PURE = os.environ.get("UVGATE_PURE_PYTHON", "") not in ("", "0")
 # Only a pure-Python build goes without the C twin (the test below fails a compiled build without it).
@@ -26,10 +29,12 @@ NAMES = (b"content-length", b"transfer-encoding", b"connection", b"keep-alive", 
 
 def test_the_compiled_build_uses_the_c_scanner() -> None:
     if PURE:
-        assert headscan.header_lines is lines_of
+        assert native.header_lines is lines_of
+        assert native.header_block is block_of
         return
-    assert c_header_lines is not None, "the C extension proxy.http1._headscan is not built"
-    assert headscan.header_lines is c_header_lines
+    assert c_header_lines is not None, "the C extension proxy._native is not built"
+    assert native.header_lines is c_header_lines
+    assert native.header_block is c_header_block
 
 
 def test_reference_offsets() -> None:
@@ -71,7 +76,7 @@ def test_c_matches_the_reference_on_random_heads() -> None:
     blanks = [b"", b" ", b"\t", b" \t ", b"\r", b"\n"]
     values = [b"", b" 5", b"keep-alive", b"a:b", b"\r", b"\n", b"\r\r\n", b" chunked\t"]
     compared = 0
-    for _ in range(20000):
+    for _ in range(6000):
         parts = [rng.choice((b"HTTP/1.1 200 OK", b"", b"te: 1", b"GET / HTTP/1.1"))]
         for _ in range(rng.choice((0, 1, 3, 8, 40, 300))):
             line = rng.choice(names) + rng.choice(blanks)
@@ -83,7 +88,7 @@ def test_c_matches_the_reference_on_random_heads() -> None:
             head += rng.choice((b"\r", b"\r\n", b":"))
         assert _c(head, NAMES) == lines_of(head, NAMES), head
         compared += 1
-    assert compared == 20000
+    assert compared == 6000
 
 
 @needs_c
@@ -91,3 +96,58 @@ def test_c_matches_the_reference_on_random_heads() -> None:
 @given(head=st.binary(max_size=200), names=st.lists(st.sampled_from(NAMES), unique=True).map(tuple))
 def test_c_matches_the_reference_on_any_bytes(head: bytes, names: tuple[bytes, ...]) -> None:
     assert _c(head, names) == lines_of(head, names)
+
+
+def test_block_reference() -> None:
+    assert block_of([]) == b""
+    assert block_of([(b"Accept", b"*/*"), (b"x", b"")]) == b"Accept: */*\r\nx: \r\n"
+
+
+@needs_c
+def test_c_block_rejects_what_is_no_list_of_pairs() -> None:
+    assert c_header_block is not None
+    for wrong in ((), [(b"a",)], [(b"a", b"b", b"c")], [(b"a", "b")], [[b"a", b"b"]], [("a", b"b")]):
+        with pytest.raises(TypeError):
+            c_header_block(wrong)  # type: ignore[arg-type]
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None)
+@given(pairs=st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=300)), max_size=60))
+def test_c_block_matches_the_reference(pairs: list[tuple[bytes, bytes]]) -> None:
+    assert c_header_block is not None
+    assert c_header_block(pairs) == block_of(pairs)
+
+
+@needs_c
+def test_c_find_and_visible_reject_wrong_arguments() -> None:
+    assert c_find is not None and c_visible is not None
+    wrong = ((b"a", b"a"), (b"a", b"a", 0, 1), ("a", b"a", 0), (b"a", "a", 0), (b"a", b"a", 0.0), (b"a", b"a", True))
+    for args in wrong:
+        with pytest.raises(TypeError):
+            c_find(*args)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        c_find(b"a", b"a", 2**70)
+    with pytest.raises(TypeError):
+        c_visible("a")  # type: ignore[arg-type]
+
+
+@needs_c
+@settings(max_examples=3000, deadline=None)
+@given(
+    data=st.binary(max_size=60) | st.sampled_from([b"GET /a/./b HTTP/1.1", b"%2e%2E/..", b"\r\n\r\n\r\n"]),
+    needle=st.binary(max_size=4) | st.sampled_from([b"/.", b"%2", b"\r\n\r\n"]),
+    start=st.integers(min_value=-80, max_value=80),
+)
+def test_c_find_matches_the_reference(data: bytes, needle: bytes, start: int) -> None:
+    assert c_find is not None
+    assert c_find(data, needle, start) == find_of(data, needle, start) == data.find(needle, start)
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None)
+@given(value=st.binary(max_size=40))
+def test_c_visible_matches_the_reference(value: bytes) -> None:
+    assert c_visible is not None
+    assert c_visible(value) is visible_of(value)
+    assert visible_of(value) is all(0x21 <= byte <= 0x7E for byte in value)
