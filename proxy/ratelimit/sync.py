@@ -1,13 +1,16 @@
-"""The Redis sync of one worker: every ledger's pending increments in one pipelined round trip.
+"""The Redis sync of one worker: every ledger's pending increments in one round trip.
 
 Theory of operation. One task on the worker's loop (never a thread) runs a round trip every
 `sync_interval`, and at once when a ledger asks for one early (a share ran out, a subject must learn
 its count: `urge` sets an event; the hot path never awaits). A round trip takes every ledger's batch
-and sends, in one non-transactional pipeline, `INCRBY key n` per key (n may be 0: learning costs the
-same command), `PEXPIRE key ttl` the first time this worker touches the key in its window, and for
-sliding windows `GET` of the previous window's key; the totals go back to the ledgers (`apply`) and
-the parked exchanges are woken. Keys are `<key_prefix>{<route>|<limit>|<subject>}:<window>`: the hash
-tag keeps a subject's windows on one Cluster slot, so redis-py's cluster pipeline sends one request per
+and has Redis run, per key, `INCRBY key n` (n may be 0: learning costs the same command), `PEXPIRE key
+ttl` the first time this worker touches the key in its window, and for sliding windows `GET` of the
+previous window's key; the totals go back to the ledgers (`apply`) and the parked exchanges are
+woken. Those commands go as one Lua script (`SYNC_SCRIPT`, EVALSHA: one command to encode and one
+array to parse, where a pipeline of a window edge's thousands of commands cost redis-py tens of ms of
+the worker's loop, awaiting each reply), or, to a Cluster, as one non-transactional pipeline (a script
+must keep to one slot). Keys are `<key_prefix>{<route>|<limit>|<subject>}:<window>`: the hash tag
+keeps a subject's windows on one Cluster slot, so redis-py's cluster pipeline sends one request per
 node holding a slot of the batch. A round trip is bounded by `timeout` (connecting included). When it
 fails (refused, reset, slower than `timeout`, any error of the client), its increments are dropped
 (Redis may have applied them), the client is dropped (the next attempt reconnects), `SyncHealth.up`
@@ -24,7 +27,7 @@ proxy's) and its subject learns its count again. `boot` makes
 the first connection before the worker reports ready (a cold client pays imports and a handshake that
 would not fit a round trip's budget) and then starts the loop; a failure there is a failure like any.
 For the metrics (read by `proxy.metricsio.WorkerMetrics.fold`): `latency`, a histogram of the round
-trips made (pipelines and PINGs, answered or failed: a timeout counts its whole budget), `errors`
+trips made (script calls or pipelines, and PINGs, answered or failed: a timeout counts its whole budget), `errors`
 (failed round trips, the boot's included) and `key_errors`.
 """
 
@@ -48,6 +51,27 @@ log = logging.getLogger("uvgate.ratelimit")
 
 MAX_BACKOFF = 1.0
 LOG_EVERY = 10.0
+# A round trip's commands, for a standalone or Sentinel Redis. Per entry two keys (the window's, and the
+# previous window's or '' when the limit has fixed windows) and two arguments (the increment, and the
+# key's expiry in ms or 0 when this worker set it already); the replies come in the order a pipeline of
+# the same commands would give them, a command's own error (pcall) in its place.
+SYNC_SCRIPT = """
+local out = {}
+local n = 0
+for i = 1, #KEYS, 2 do
+  n = n + 1
+  out[n] = redis.pcall('INCRBY', KEYS[i], ARGV[i])
+  if ARGV[i + 1] ~= '0' then
+    n = n + 1
+    out[n] = redis.pcall('PEXPIRE', KEYS[i], ARGV[i + 1])
+  end
+  if KEYS[i + 1] ~= '' then
+    n = n + 1
+    out[n] = redis.pcall('GET', KEYS[i + 1])
+  end
+end
+return out
+"""
 BOOT_TIMEOUT = 2.0
 PROBE_EVERY = 1.0  # with nothing to send, a PING this often: an outage is noticed (and the link kept warm)
 
@@ -106,6 +130,7 @@ class RedisSync:
         self.waiters = waiters
         self.books: list[_Book] = []
         self.client: Any = None
+        self.script: Any = None  # SYNC_SCRIPT registered (redis-py loads it again when Redis lost it)
         self.event = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.round_trips = 0
@@ -128,15 +153,21 @@ class RedisSync:
         self.event.set()
 
     async def boot(self) -> None:
-        """Connect before the worker serves (redis-py's modules imported, the first connection made, within
-        `BOOT_TIMEOUT` or the round-trip timeout if longer), then start the sync. A failure is logged and the
-        worker serves per failure_mode while the sync retries with backoff."""
+        """Connect before the worker serves (redis-py's modules imported, the first connection made and the
+        script loaded, within `BOOT_TIMEOUT` or the round-trip timeout if longer), then start the sync. A
+        failure is logged and the worker serves per failure_mode while the sync retries with backoff."""
         self.client = make_client(self.config)
         try:
-            await asyncio.wait_for(self.client.ping(), max(BOOT_TIMEOUT, self.config.timeout))
+            await asyncio.wait_for(self._warm(self.client), max(BOOT_TIMEOUT, self.config.timeout))
         except Exception as exc:  # whatever the client raised: Redis is not usable yet
             self._failed(exc)
         self.task = self.loop.create_task(self._run())
+
+    async def _warm(self, client: Any) -> None:
+        """The first connection, and the script loaded (the first round trip would otherwise find it missing)."""
+        await client.ping()
+        if not self.config.cluster:
+            await client.script_load(SYNC_SCRIPT)
 
     async def close(self) -> None:
         """Stop: one last round trip for what is pending (within the timeout), then close the client."""
@@ -245,20 +276,35 @@ class RedisSync:
         if not any(batches):
             await client.ping()
             return []
-        pipe = client.pipeline(transaction=False)
+        if self.config.cluster:
+            pipe = client.pipeline(transaction=False)
+            for book, batch in zip(self.books, batches, strict=True):
+                base = book.base
+                sliding = book.ledger.sliding
+                for sent in batch:
+                    key = b"%s%s}:%d" % (base, sent.subject, sent.window)
+                    pipe.incrby(key, sent.count)
+                    if sent.expire:
+                        pipe.pexpire(key, book.ttl_ms)
+                    if sliding:
+                        pipe.get(b"%s%s}:%d" % (base, sent.subject, sent.window - 1))
+            # A command's own error (say, a key that holds no integer) comes back in its place; a connection
+            # error still raises.
+            return list(await pipe.execute(raise_on_error=False))
+        keys: list[bytes] = []
+        args: list[int] = []
         for book, batch in zip(self.books, batches, strict=True):
             base = book.base
             sliding = book.ledger.sliding
+            ttl = book.ttl_ms
             for sent in batch:
-                key = b"%s%s}:%d" % (base, sent.subject, sent.window)
-                pipe.incrby(key, sent.count)
-                if sent.expire:
-                    pipe.pexpire(key, book.ttl_ms)
-                if sliding:
-                    pipe.get(b"%s%s}:%d" % (base, sent.subject, sent.window - 1))
-        # A command's own error (say, a key that holds no integer) comes back in its place; a connection
-        # error still raises.
-        return list(await pipe.execute(raise_on_error=False))
+                keys.append(b"%s%s}:%d" % (base, sent.subject, sent.window))
+                keys.append(b"%s%s}:%d" % (base, sent.subject, sent.window - 1) if sliding else b"")
+                args.append(sent.count)
+                args.append(ttl if sent.expire else 0)
+        if self.script is None:
+            self.script = client.register_script(SYNC_SCRIPT)
+        return list(await self.script(keys=keys, args=args, client=client))
 
     def _key_error(self, sent: Sent, error: object) -> None:
         """Redis refused a key's command (the round trip itself worked): counted, logged like failures."""

@@ -259,3 +259,45 @@ def test_a_counter_key_holding_no_integer_is_reset_and_the_subject_counted_again
         assert store.get(key) == b"5"
     finally:
         store.close()
+
+
+def test_a_round_trip_is_one_script_call_and_survives_redis_losing_the_script(
+    backend_stub: Service, redis_server: RedisServer
+) -> None:
+    """Standalone Redis: a round trip is one EVALSHA, whatever it carries (its INCRBY and PEXPIRE run inside
+    it); a SCRIPT FLUSH (a restart, a failover) costs one reload, not a failed round trip."""
+    fresh_window()
+    data = config(redis_server.url, per_key={"global_limit": 100, "window": "1h"})
+    store = redis.Redis.from_url(redis_server.url)
+
+    def calls(command: str) -> int:
+        stats: dict[str, Any] = store.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def main() -> None:
+        async with Worker(data, backend_stub.address) as worker:
+            sync = worker.limits.sync if worker.limits is not None else None
+            assert sync is not None
+            client = await worker.client()
+            before = (calls("evalsha"), calls("incrby"), calls("pexpire"), sync.round_trips)
+            for _ in range(3):
+                client.send(request("/echo"))
+                assert (await client.response()).status == 200
+            await sync.round_trip()
+            after = (calls("evalsha"), calls("incrby"), calls("pexpire"), sync.round_trips)
+            trips = after[3] - before[3]
+            assert trips >= 2, "learning the count, then sending the increments"
+            assert after[0] - before[0] == trips, "one EVALSHA per round trip"
+            assert after[1] - before[1] == trips and after[2] - before[2] == 1, (before, after)
+            store.script_flush()
+            client.send(request("/echo"))
+            assert (await client.response()).status == 200
+            await sync.round_trip()
+            assert sync.errors == 0 and sync.key_errors == 0
+            key = f"{data['redis']['key_prefix']}{{/echo|per_key|127.0.0.1}}:{int(time.time() // WINDOW)}"
+            assert store.get(key) == b"4"
+
+    try:
+        run(main)
+    finally:
+        store.close()
