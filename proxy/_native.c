@@ -67,13 +67,13 @@ header_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *head = args[0];
     PyObject *names = args[1];
-    if (!PyBytes_CheckExact(head) || !PyTuple_CheckExact(names)) {
+    if (!PyBytes_Check(head) || !PyTuple_Check(names)) {
         PyErr_SetString(PyExc_TypeError, "header_lines(head, names): head must be bytes, names a tuple of bytes");
         return NULL;
     }
     Py_ssize_t count = PyTuple_GET_SIZE(names);
     for (Py_ssize_t i = 0; i < count; i++) {
-        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(names, i))) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(names, i))) {
             PyErr_SetString(PyExc_TypeError, "header_lines(head, names): names must be bytes");
             return NULL;
         }
@@ -157,7 +157,7 @@ static PyObject *
 header_block(PyObject *module, PyObject *pairs)
 {
     (void)module;
-    if (!PyList_CheckExact(pairs)) {
+    if (!PyList_Check(pairs)) {
         PyErr_SetString(PyExc_TypeError, "header_block(pairs): pairs must be a list of (bytes, bytes) tuples");
         return NULL;
     }
@@ -165,8 +165,8 @@ header_block(PyObject *module, PyObject *pairs)
     Py_ssize_t size = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *pair = PyList_GET_ITEM(pairs, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 0))
-            || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 1))) {
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0))
+            || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
             PyErr_SetString(PyExc_TypeError, "header_block(pairs): pairs must be a list of (bytes, bytes) tuples");
             return NULL;
         }
@@ -199,21 +199,25 @@ static PyObject *
 find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) || !PyLong_CheckExact(args[2])) {
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyLong_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "find(data, needle, start) takes bytes, bytes and an int");
         return NULL;
     }
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    if (start == -1 && PyErr_Occurred()) {
+    int overflow = 0;
+    long long wide = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+    if (wide == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    /* Out of range: clamped, as bytes.find does (past either end). */
+    Py_ssize_t start = overflow > 0 ? PY_SSIZE_T_MAX
+                       : overflow < 0 ? PY_SSIZE_T_MIN
+                       : wide > PY_SSIZE_T_MAX ? PY_SSIZE_T_MAX
+                       : wide < PY_SSIZE_T_MIN ? PY_SSIZE_T_MIN
+                       : (Py_ssize_t)wide;
     Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
     Py_ssize_t length = PyBytes_GET_SIZE(args[1]);
     if (start < 0) {  /* as bytes.find: counted from the end */
-        start += size;
-        if (start < 0) {
-            start = 0;
-        }
+        start = start < -size ? 0 : start + size;
     }
     if (start > size || length > size - start) {
         return PyLong_FromLong(-1);
@@ -244,7 +248,7 @@ static PyObject *
 visible(PyObject *module, PyObject *value)
 {
     (void)module;
-    if (!PyBytes_CheckExact(value)) {
+    if (!PyBytes_Check(value)) {
         PyErr_SetString(PyExc_TypeError, "visible(value) takes bytes");
         return NULL;
     }

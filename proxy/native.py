@@ -23,7 +23,9 @@ _LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmno
 def lines_of(head: bytes, names: tuple[bytes, ...]) -> tuple[int, ...]:
     """`(i, start, colon, end, ...)` for each header line of `head` named `names[i]` (see the module)."""
     found: list[int] = []
-    index = {name: i for i, name in enumerate(names)}
+    index: dict[bytes, int] = {}
+    for i, name in enumerate(names):
+        index.setdefault(name, i)  # the first of equal names, as the C one
     start = head.find(b"\r\n")
     while start >= 0:
         end = head.find(b"\r\n", start + 2)

@@ -44,9 +44,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return  # pure Python
     oldest = min(path.stat().st_mtime for path in [*shims, *root.glob("uvgate__mypyc*.so")])
     stems = [so.with_name(so.name.split(".", 1)[0]) for so in shims]
-    # A mypyc module's source is its .py; a hand-written extension's (setup.py C_SOURCES) its .c.
+    # A mypyc module's source is its .py; a hand-written extension's (setup.py C_SOURCES) its .c; a module
+    # with neither was renamed or removed since the build.
     sources = [stem.with_suffix(".py" if stem.with_suffix(".py").exists() else ".c") for stem in stems]
-    stale = [str(src.relative_to(root)) for src in sources if src.stat().st_mtime > oldest]
+    stale = [str(src.relative_to(root)) for src in sources if not src.exists() or src.stat().st_mtime > oldest]
     if stale:
         pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; run `make build`", returncode=4)
 

@@ -372,39 +372,41 @@ class HttpProtocol(asyncio.Protocol):
         heads_before = self.heads_begun
         self.line_heads = heads_before + 1 if not self.in_head and reading is None else -1
         self.line_slice = data
-        while True:
-            try:
-                self.feed(data)
-            except httptools.HttpParserCallbackError as exc:
-                error = exc.__context__
-                if isinstance(error, _StopParsing):
+        try:
+            while True:
+                try:
+                    self.feed(data)
+                except httptools.HttpParserCallbackError as exc:
+                    error = exc.__context__
+                    if isinstance(error, _StopParsing):
+                        return False
+                    if not isinstance(error, ProxyError):
+                        raise
+                    self._protocol_error(error)
                     return False
-                if not isinstance(error, ProxyError):
-                    raise
-                self._protocol_error(error)
-                return False
-            except httptools.HttpParserUpgrade as exc:
-                # An Upgrade request (without a body: see on_headers_complete) is answered as plain HTTP,
-                # Upgrade being hop-by-hop; what follows it is the next request.
-                offset = int(exc.args[0])
-                if offset >= len(data) or self.closing or self.parse_failed:
-                    break
-                data = data[offset:]
-                self.line_heads = self.heads_begun + 1 if not self.in_head and self.reading is None else -1
-                self.line_slice = data
-                continue
-            except httptools.HttpParserInvalidMethodError:
-                self._protocol_error(NotImplementedByProxy("method_not_implemented"))
-                return False
-            except httptools.HttpParserError as exc:
-                reason = str(exc)
-                if reason == "Invalid HTTP version":
-                    self._protocol_error(VersionNotSupported())
-                else:
-                    self._protocol_error(BadRequest(reason or "malformed_request"))
-                return False
-            break
-        self.line_slice = b""
+                except httptools.HttpParserUpgrade as exc:
+                    # An Upgrade request (without a body: see on_headers_complete) is answered as plain HTTP,
+                    # Upgrade being hop-by-hop; what follows it is the next request.
+                    offset = int(exc.args[0])
+                    if offset >= len(data) or self.closing or self.parse_failed:
+                        break
+                    data = data[offset:]
+                    self.line_heads = self.heads_begun + 1 if not self.in_head and self.reading is None else -1
+                    self.line_slice = data
+                    continue
+                except httptools.HttpParserInvalidMethodError:
+                    self._protocol_error(NotImplementedByProxy("method_not_implemented"))
+                    return False
+                except httptools.HttpParserError as exc:
+                    reason = str(exc)
+                    if reason == "Invalid HTTP version":
+                        self._protocol_error(VersionNotSupported())
+                    else:
+                        self._protocol_error(BadRequest(reason or "malformed_request"))
+                    return False
+                break
+        finally:
+            self.line_slice = b""  # (the read is not kept past its feed, whatever ends it)
         if self.in_head and self.heads_begun != heads_before:
             # The head in progress began inside this slice (`head_raw` was reset then): its bytes are what
             # follows the message before it, which ends at a CRLF CRLF or with body bytes of this slice;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -31,10 +32,14 @@ def test_the_compiled_build_uses_the_c_scanner() -> None:
     if PURE:
         assert native.header_lines is lines_of
         assert native.header_block is block_of
+        assert native.find is find_of
+        assert native.visible is visible_of
         return
     assert c_header_lines is not None, "the C extension proxy._native is not built"
     assert native.header_lines is c_header_lines
     assert native.header_block is c_header_block
+    assert native.find is c_find
+    assert native.visible is c_visible
 
 
 def test_reference_offsets() -> None:
@@ -122,12 +127,13 @@ def test_c_block_matches_the_reference(pairs: list[tuple[bytes, bytes]]) -> None
 @needs_c
 def test_c_find_and_visible_reject_wrong_arguments() -> None:
     assert c_find is not None and c_visible is not None
-    wrong = ((b"a", b"a"), (b"a", b"a", 0, 1), ("a", b"a", 0), (b"a", "a", 0), (b"a", b"a", 0.0), (b"a", b"a", True))
-    for args in wrong:
+    for args in ((b"a", b"a"), (b"a", b"a", 0, 1), ("a", b"a", 0), (b"a", "a", 0), (b"a", b"a", 0.0)):
         with pytest.raises(TypeError):
             c_find(*args)  # type: ignore[arg-type]
-    with pytest.raises(OverflowError):
-        c_find(b"a", b"a", 2**70)
+    # Starts out of any range are clamped, as bytes.find does.
+    for start in (2**70, -(2**70), 2**63, -(2**63) - 1, sys.maxsize, -sys.maxsize - 1):
+        assert c_find(b"abca", b"a", start) == b"abca".find(b"a", start)
+        assert c_find(b"abca", b"", start) == b"abca".find(b"", start)
     with pytest.raises(TypeError):
         c_visible("a")  # type: ignore[arg-type]
 
@@ -151,3 +157,25 @@ def test_c_visible_matches_the_reference(value: bytes) -> None:
     assert c_visible is not None
     assert c_visible(value) is visible_of(value)
     assert visible_of(value) is all(0x21 <= byte <= 0x7E for byte in value)
+
+
+class Bytes(bytes):
+    pass
+
+
+@needs_c
+def test_c_takes_subclasses_as_the_reference_does() -> None:
+    """A step may add a header whose name or value is a bytes subclass: forwarded the same either way."""
+    assert c_header_block is not None and c_header_lines is not None and c_find is not None and c_visible is not None
+    pairs = [(Bytes(b"x-a"), Bytes(b"1"))]
+    assert c_header_block(pairs) == block_of(pairs) == b"x-a: 1\r\n"
+    head = Bytes(b"HTTP/1.1 200 OK\r\nTE: x")
+    assert c_header_lines(head, (Bytes(b"te"),)) == lines_of(head, (b"te",)) == (0, 15, 19, 22)
+    assert c_find(Bytes(b"abc"), Bytes(b"c"), True) == 2 and c_visible(Bytes(b"ab"))
+
+
+def test_equal_names_match_the_first() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTE: x"
+    assert lines_of(head, (b"te", b"te")) == (0, 15, 19, 22)
+    if c_header_lines is not None:
+        assert c_header_lines(head, (b"te", b"te")) == (0, 15, 19, 22)
