@@ -86,7 +86,10 @@ class Reloader:
                 rest = text[at:]
                 end = _RECORD.search(rest)
                 record = rest[: end.start()] if end else rest
-                print(f"devstack: the proxy keeps its running configuration: {record.rstrip()}", flush=True)
+                record = record.rstrip()
+                if "running configuration" not in record:
+                    record = f"the proxy keeps its running configuration: {record}"
+                print(f"devstack: {record}", flush=True)
                 self.log_offset = -1
                 return
 

@@ -344,7 +344,7 @@ def test_devstack_run_reloads_the_config_the_user_edits(tmp_path: Path) -> None:
         assert 'via = "1.1 edited"' in generated.read_text()
 
         config.write_text(config.read_text().replace('via = "1.1 edited"', 'via = "1.1 edited"\nbogus_key = 1'))
-        text = wait_output(r"devstack: the proxy keeps its running configuration: reload rejected")
+        text = wait_output(r"devstack: reload rejected, keeping the running configuration")
         assert "server.bogus_key" in text, text
 
         child.send_signal(signal.SIGTERM)
