@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Final
 
+# forwarding.ASCII_LOWER's table, made here: forwarding imports this module (the compiled modules keep
+# using theirs, a Final constant of a compiled module).
 _LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 

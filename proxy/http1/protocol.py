@@ -370,8 +370,7 @@ class HttpProtocol(asyncio.Protocol):
         chunks_before = self.chunk_headers
         requests_before = self.requests
         heads_before = self.heads_begun
-        self.line_heads = heads_before + 1 if not self.in_head and reading is None else -1
-        self.line_slice = data
+        self._slice_start(data)
         try:
             while True:
                 try:
@@ -391,8 +390,7 @@ class HttpProtocol(asyncio.Protocol):
                     if offset >= len(data) or self.closing or self.parse_failed:
                         break
                     data = data[offset:]
-                    self.line_heads = self.heads_begun + 1 if not self.in_head and self.reading is None else -1
-                    self.line_slice = data
+                    self._slice_start(data)
                     continue
                 except httptools.HttpParserInvalidMethodError:
                     self._protocol_error(NotImplementedByProxy("method_not_implemented"))
@@ -564,6 +562,12 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._pause(_PAUSE_PIPELINE)
             self.queue.append(exchange)
+
+    def _slice_start(self, data: bytes) -> None:
+        """`data` is about to be fed: when no message is in progress, the first head it begins has its
+        request line at its start (see `_version_11`)."""
+        self.line_slice = data
+        self.line_heads = self.heads_begun + 1 if not self.in_head and self.reading is None else -1
 
     def _version_11(self, method: bytes) -> bool:
         """The request line of a head that began at the start of `line_slice` says HTTP/1.1 (False: look

@@ -86,6 +86,10 @@ class _Book:
         self.base = base
         self.ttl_ms = ttl_ms
 
+    def key(self, subject: bytes, window: int) -> bytes:
+        """The counter key of `subject` in `window` (`base` ends with the hash tag's opening)."""
+        return b"%s%s}:%d" % (self.base, subject, window)
+
 
 def make_client(config: RedisConfig) -> Any:
     """A redis-py asyncio client for `config.url`: standalone, Cluster (`cluster`) or Sentinel's master.
@@ -241,8 +245,8 @@ class RedisSync:
                 if isinstance(total, Exception) or isinstance(value, Exception):
                     refused.append(sent)  # e.g. a key that holds no integer: that key only
                     self._key_error(sent, total if isinstance(total, Exception) else value)
-                    broken.append(b"%s%s}:%d" % (book.base, sent.subject, sent.window))
-                    broken.append(b"%s%s}:%d" % (book.base, sent.subject, sent.window - 1))
+                    broken.append(book.key(sent.subject, sent.window))
+                    broken.append(book.key(sent.subject, sent.window - 1))
                     continue
                 answered.append(sent)
                 totals.append(int(total))
@@ -279,27 +283,25 @@ class RedisSync:
         if self.config.cluster:
             pipe = client.pipeline(transaction=False)
             for book, batch in zip(self.books, batches, strict=True):
-                base = book.base
                 sliding = book.ledger.sliding
                 for sent in batch:
-                    key = b"%s%s}:%d" % (base, sent.subject, sent.window)
+                    key = book.key(sent.subject, sent.window)
                     pipe.incrby(key, sent.count)
                     if sent.expire:
                         pipe.pexpire(key, book.ttl_ms)
                     if sliding:
-                        pipe.get(b"%s%s}:%d" % (base, sent.subject, sent.window - 1))
+                        pipe.get(book.key(sent.subject, sent.window - 1))
             # A command's own error (say, a key that holds no integer) comes back in its place; a connection
             # error still raises.
             return list(await pipe.execute(raise_on_error=False))
         keys: list[bytes] = []
         args: list[int] = []
         for book, batch in zip(self.books, batches, strict=True):
-            base = book.base
             sliding = book.ledger.sliding
             ttl = book.ttl_ms
             for sent in batch:
-                keys.append(b"%s%s}:%d" % (base, sent.subject, sent.window))
-                keys.append(b"%s%s}:%d" % (base, sent.subject, sent.window - 1) if sliding else b"")
+                keys.append(book.key(sent.subject, sent.window))
+                keys.append(book.key(sent.subject, sent.window - 1) if sliding else b"")
                 args.append(sent.count)
                 args.append(ttl if sent.expire else 0)
         if self.script is None:
