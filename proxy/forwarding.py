@@ -16,7 +16,10 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy.errors import BadRequest
-from proxy.native import visible
+from proxy.native import visible as _visible
+
+# (Final: compiled code keeps the function in a C static, where an imported name costs a dict lookup per call.)
+visible: Final[Callable[[bytes], bool]] = _visible
 
 # Headers that describe one connection, never forwarded in either direction (RFC 9110 7.6.1, plus the
 # de-facto ones). The one list of the project: the HTTP/1.1 shell, the response rewriter and the
@@ -102,6 +105,7 @@ class HeadScan:
         "expect",
         "forward",
         "host",
+        "host_kind",
         "kinds",
         "length",
         "maybe",
@@ -119,6 +123,7 @@ class HeadScan:
             if name:
                 maybe[_slot(len(name), name[0])] = 1
         self.maybe = bytes(maybe)
+        self.host_kind = kinds.get(b"host", KIND_FORWARD)
         self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
         self.host: bytes | None = None
         self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
@@ -144,10 +149,14 @@ class HeadScan:
         of a field value); forwarded values are passed on as received.
         """
         size = len(name)
-        if size == 0 or not self.maybe[_slot(size, name[0])]:
+        # (`_slot` written out: a call costs more than the arithmetic, once per header)
+        if size == 0 or not self.maybe[(size if size < 64 else 63) * 32 + (name[0] & 31)]:
             self.forward.append((name, value))
             return
-        kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
+        if size == 4 and (name == b"Host" or name == b"host"):
+            kind = self.host_kind  # (every request has one: no lower-casing, hashing and lookup)
+        else:
+            kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
             return
@@ -245,15 +254,15 @@ def upstream_headers(
     host: bytes,
     client: bytes,
     scheme: bytes,
-    new_id: Callable[[], bytes],
+    ids: RequestIds,
 ) -> tuple[list[tuple[bytes, bytes]], bytes, bytes]:
     """What goes upstream for a scanned request, whatever protocol it came in on: (the headers to forward
     as they are, the request id, the header lines the proxy adds). `origin` is `policy.origin(client,
-    scheme)`, made once per connection; `new_id()` makes a request id when the client sent no valid one."""
+    scheme)`, made once per connection; `ids` makes a request id when the client sent no valid one."""
     headers = scan.forward if scan.connection is None else strip_nominated(scan.forward, scan.connection)
     request_id = scan.request_id
     if request_id is None or not valid_request_id(request_id):
-        request_id = new_id()
+        request_id = ids.next()
     xff = scan.xff
     if xff is None:
         # (printf-style bytes of bytes operands: one allocation in compiled code, where a join takes a tuple)
@@ -261,6 +270,21 @@ def upstream_headers(
     else:
         lines = policy.forward_lines(client=client, scheme=scheme, host=host, xff=xff, request_id=request_id)
     return headers, request_id, lines
+
+
+class RequestIds:
+    """The request ids a worker makes: `<prefix><counter>`, the prefix random per worker (and restart),
+    so ids are unique across workers and restarts."""
+
+    __slots__ = ("count", "prefix")
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return b"%s%d" % (self.prefix, self.count)
 
 
 class ForwardPolicy:

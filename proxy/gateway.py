@@ -22,7 +22,7 @@ from proxy.config import Config, RouteConfig
 from proxy.errors import NotFound, ProxyError
 from proxy.exchange import BODY_CHUNKED, WAIT, Exchange
 from proxy.routing import Router
-from proxy.server import WorkerState
+from proxy.server import Pipeline, WorkerState
 from proxy.upstream.pool import Cluster
 
 __all__ = ["WAIT", "Gateway", "Route", "Step", "StepFactory", "auth_steps", "no_steps"]
@@ -75,7 +75,7 @@ class Route:
         return f"<Route {self.name} -> {self.upstream} steps={len(self.steps)}>"
 
 
-class Gateway:
+class Gateway(Pipeline):
     """Per-worker pipeline composing routing, steps, body buffering and upstream clusters."""
 
     def __init__(

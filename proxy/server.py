@@ -22,7 +22,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from proxy.config import Config
+from proxy.forwarding import RequestIds
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -51,29 +54,21 @@ class Connection(Protocol):
         """The peer half-closed (`reset` False) or reset the connection, seen while reading was paused."""
 
 
-class Pipeline(Protocol):
-    """The gateway as the exchanges see it."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Pipeline:
+    """The gateway as the exchanges see it (a class, for the reason given above `exchange.Upstream`); this
+    base is the placeholder until the worker has built its gateway."""
 
     def handle(self, exchange: Exchange) -> None:
         """Run an exchange whose turn has come: route, steps, upstream; answer it on failure."""
+        raise RuntimeError("no gateway")
 
     def resume(self, exchange: Exchange) -> None:
         """Continue a suspended exchange that was woken: re-run the step that suspended it."""
+        raise RuntimeError("no gateway")
 
     def forward(self, exchange: Exchange) -> None:
         """Send upstream an exchange whose request body has been buffered."""
-
-
-class _NoPipeline:
-    """Placeholder until the worker has built its gateway."""
-
-    def handle(self, exchange: Exchange) -> None:
-        raise RuntimeError("no gateway")
-
-    def resume(self, exchange: Exchange) -> None:
-        raise RuntimeError("no gateway")
-
-    def forward(self, exchange: Exchange) -> None:
         raise RuntimeError("no gateway")
 
 
@@ -100,15 +95,14 @@ class WorkerState:
         # the wall-clock time of its head without a clock read (token expiry checks).
         self.wall_offset = time.time() - time.perf_counter()
         self.connections: set[Connection] = set()
-        self.gateway: Pipeline = _NoPipeline()
+        self.gateway = Pipeline()
         self.draining = False
         # Called with `now` on every tick, in order, after the connections' checks.
         self.tick_subscribers: list[Callable[[float], None]] = []
         # Called with every exchange once, when it ends (exchange.py).
         self.finished: list[Callable[[Exchange], None]] = []
         self.body_reserved = 0  # request body buffer memory held by BUFFERING exchanges (gateway.py)
-        self._id_prefix = b"%s-" % os.urandom(6).hex().encode()
-        self._id_counter = 0
+        self.request_ids = RequestIds(b"%s-" % os.urandom(6).hex().encode())
         self._tick_handle: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         s = config.server
@@ -121,11 +115,6 @@ class WorkerState:
             + ([config.redis.timeout] if any(limit.global_limit for limit in config.limits.values()) else [])
         )
         self.tick_interval = min(1.0, max(0.02, smallest / 4))
-
-    def next_request_id(self) -> bytes:
-        """`<12 random hex digits of this worker>-<a counter>`: unique across workers and restarts."""
-        self._id_counter += 1
-        return b"%s%d" % (self._id_prefix, self._id_counter)
 
     def start(self) -> None:
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)

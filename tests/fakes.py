@@ -6,8 +6,9 @@ from typing import Any
 
 from proxy.config import Address, Config, build
 from proxy.errors import ProxyError
-from proxy.exchange import BODY_NONE, BodyKind, Exchange
-from proxy.server import WorkerState
+from proxy.exchange import BODY_NONE, BodyKind, Downstream, Exchange
+from proxy.server import Pipeline, WorkerState
+from proxy.upstream.pool import PooledConnection
 
 MINIMAL_CONFIG: dict[str, Any] = {
     "upstreams": {"b": {"servers": ["127.0.0.1:1"]}},
@@ -87,7 +88,7 @@ def worker_state(config: Config | None = None) -> WorkerState:
     return WorkerState(MockLoop(), config or build(MINIMAL_CONFIG))  # type: ignore[arg-type]
 
 
-class RecordingGateway:
+class RecordingGateway(Pipeline):
     """Starts and records every exchange handed to it, like a gateway whose upstream never answers."""
 
     def __init__(self) -> None:
@@ -104,12 +105,11 @@ class RecordingGateway:
         raise AssertionError("nothing buffers here")
 
 
-class FakeDownstream:
+class FakeDownstream(Downstream):
     """Records what the proxy answered; finishes exchanges like a real downstream."""
 
-    write_paused = False
-
     def __init__(self) -> None:
+        super().__init__()
         self.failures: list[ProxyError] = []
 
     def answer(self, exchange: Exchange, error: ProxyError) -> None:
@@ -152,13 +152,13 @@ def make_exchange(
     return exchange
 
 
-class FakeConn:
+class FakeConn(PooledConnection):
     """A pooled upstream connection that takes exchanges and never answers."""
 
     def __init__(self, name: str, address: Address | None = None) -> None:
+        super().__init__()
         self.name = name
         self.address = address or Address("127.0.0.1", 9999)
-        self.idle_since = 0.0
         self.attached: list[Exchange] = []
         self.unparked: list[tuple[Exchange, bool]] = []
         self.closed = False

@@ -10,6 +10,7 @@ of a stale request-id line); those to leave out are cut out between slices;
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Final
 
@@ -18,8 +19,10 @@ import orjson
 from proxy.errors import BadGateway, BadRequest, NotImplementedByProxy, PayloadTooLarge
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, BodyKind
 from proxy.forwarding import ASCII_LOWER, FRAMING, HOP_BY_HOP, connection_tokens
-from proxy.native import header_lines
+from proxy.native import header_lines as _header_lines
 
+# (Final: compiled code keeps the function in a C static, where an imported name costs a dict lookup per call.)
+header_lines: Final[Callable[[bytes, tuple[bytes, ...]], tuple[int, ...]]] = _header_lines
 REASONS: Final[dict[int, bytes]] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s" % (code, REASONS.get(code, b"Unknown")) for code in range(100, 600)
@@ -114,9 +117,11 @@ class ResponseHeadRewriter:
                     raise BadGateway("unsupported_upstream_transfer_encoding")
                 kind = BODY_CHUNKED
             elif which == _CONNECTION:
-                value = head[found[at + 2] + 1 : found[at + 3]].translate(ASCII_LOWER).strip(b" \t")
-                if value != b"keep-alive" and value != b"close" and connection_tokens(value) - _OPTIONS:
-                    nominates = True
+                value = head[found[at + 2] + 1 : found[at + 3]]
+                if value != b" keep-alive" and value != b" close":  # (the usual spellings: nothing to look at)
+                    value = value.translate(ASCII_LOWER).strip(b" \t")
+                    if value != b"keep-alive" and value != b"close" and connection_tokens(value) - _OPTIONS:
+                        nominates = True
             kept.append(head[done:start])
             done = found[at + 3]
         if bodiless:

@@ -44,11 +44,12 @@ from proxy.exchange import (
     PHASE_DONE,
     PHASE_QUEUED,
     BodyKind,
+    Downstream,
     Exchange,
 )
 from proxy.forwarding import ForwardPolicy, HeadScan, upstream_headers, valid_host
 from proxy.http1.framing import LAST_CHUNK, chunk, error_response, request_framing
-from proxy.native import find
+from proxy.native import find as _find
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
@@ -74,6 +75,8 @@ _CLOSE_LINE: Final = b"\r\nconnection: close"
 _KEEP_ALIVE_LINE: Final = b"\r\nconnection: keep-alive"
 _HTTP11: Final = b"HTTP/1.1"
 _HTTP10: Final = b"HTTP/1.0"
+# (Final: compiled code keeps the function in a C static, where an imported name costs a dict lookup per call.)
+find: Final[Callable[[bytes, bytes, int], int]] = _find
 
 
 class Http1Settings:
@@ -83,7 +86,6 @@ class Http1Settings:
         "abort_on_half_close",
         "body_timeout",
         "body_total_timeout",
-        "dispatch",
         "drain_idle_grace",
         "header_timeout",
         "keepalive_timeout",
@@ -93,18 +95,17 @@ class Http1Settings:
         "max_header_bytes",
         "max_header_count",
         "max_pipelined",
-        "new_id",
         "pending_limit",
         "policy",
         "request_id_line",
+        "request_ids",
         "send_timeout",
         "via_line",
         "write_limit",
     )
 
     def __init__(self, state: WorkerState) -> None:
-        self.dispatch: Callable[[Exchange], None] = state.gateway.handle  # bound once: no lookup per request
-        self.new_id: Callable[[], bytes] = state.next_request_id
+        self.request_ids = state.request_ids
         s = state.config.server
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -127,7 +128,7 @@ class Http1Settings:
         self.via_line = b"\r\nvia: %s" % s.via.encode() if s.via else b""
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(Downstream, asyncio.Protocol):
     """One downstream HTTP/1.x connection."""
 
     __slots__ = (
@@ -183,7 +184,6 @@ class HttpProtocol(asyncio.Protocol):
         "url",
         "valid_host",
         "write",
-        "write_paused",
     )
 
     def __init__(self, state: WorkerState, settings: Http1Settings) -> None:
@@ -526,7 +526,7 @@ class HttpProtocol(asyncio.Protocol):
             host=host,
             client=client,
             scheme=self.scheme,
-            new_id=settings.new_id,
+            ids=settings.request_ids,
         )
         exchange = Exchange(
             worker=state,
@@ -637,7 +637,7 @@ class HttpProtocol(asyncio.Protocol):
                 if active is None:
                     if self.queue:
                         active = self.active = self.queue.popleft()
-                        self.settings.dispatch(active)
+                        self.state.gateway.handle(active)
                         continue
                     if self.deferred_error is not None:
                         error, self.deferred_error = self.deferred_error, None
@@ -645,7 +645,7 @@ class HttpProtocol(asyncio.Protocol):
                         self._answer_and_close(error, exchange)
                         break
                 elif active.phase == PHASE_QUEUED:
-                    self.settings.dispatch(active)
+                    self.state.gateway.handle(active)
                     continue
                 elif active.phase == PHASE_BUFFERING and (active.body_done or active.pending_bytes >= active.reserved):
                     active.body_ready()
@@ -705,21 +705,22 @@ class HttpProtocol(asyncio.Protocol):
         self._resume(_PAUSE_UPSTREAM)
 
     def response_head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> None:
-        self.out.append(self._head(exchange, status, head, body))
+        self.out.append(self._head(exchange, status, head, body, b""))
 
     def response_complete(self, exchange: Exchange, status: int, head: bytes, body: bytes, kind: BodyKind) -> None:
         if kind in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
             head = b"%s\r\ncontent-length: %d" % (head, len(body))  # the whole body is here: no chunking needed
             kind = BODY_LENGTH
         if self.transport is not None and not self.closing:
-            data = self._head(exchange, status, head, kind) + body
+            data = self._head(exchange, status, head, kind, body)
             exchange.bytes_out += len(data)
             self.write(data)
         if exchange is self.active:
             self._finish_response(exchange, self.resp_keep_alive)
 
-    def _head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind) -> bytes:
-        """The response head for the client: the cleaned upstream head plus the proxy's own lines."""
+    def _head(self, exchange: Exchange, status: int, head: bytes, body: BodyKind, data: bytes) -> bytes:
+        """The response head for the client: the cleaned upstream head plus the proxy's own lines, then
+        `data` (a whole body, or b"")."""
         exchange.response_started = True
         exchange.status = status
         http11 = exchange.protocol == _HTTP11
@@ -738,7 +739,7 @@ class HttpProtocol(asyncio.Protocol):
         framing = _CHUNKED_LINE if chunked else b""
         connection = _CLOSE_LINE if not keep else (b"" if http11 else _KEEP_ALIVE_LINE)
         # printf-style with bytes operands: compiled code copies them into one new object, no tuple.
-        return b"%s%s%s%s%s%s%s\r\n\r\n" % (
+        return b"%s%s%s%s%s%s%s\r\n\r\n%s" % (
             head,
             settings.request_id_line,
             exchange.request_id,
@@ -746,6 +747,7 @@ class HttpProtocol(asyncio.Protocol):
             lines,
             framing,
             connection,
+            data,
         )
 
     def response_body(self, exchange: Exchange, data: bytes) -> None:
@@ -863,7 +865,7 @@ class HttpProtocol(asyncio.Protocol):
             target=self.url,
             host=b"",
             headers=[],
-            request_id=self.state.next_request_id(),
+            request_id=self.state.request_ids.next(),
             forward_lines=b"",
             client=self.client_ip,
             protocol=_HTTP11 if self.http11 else _HTTP10,

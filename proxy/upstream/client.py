@@ -25,13 +25,18 @@ import httptools
 from proxy.errors import BadGateway, ProxyError
 from proxy.exchange import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, NEVER, Exchange
 from proxy.http1.framing import LAST_CHUNK, ResponseHeadRewriter, chunk
-from proxy.native import find, header_block
+from proxy.native import find as _find
+from proxy.native import header_block as _header_block
+from proxy.upstream.pool import PooledConnection
 
 if TYPE_CHECKING:
     from proxy.server import WorkerState
-    from proxy.upstream.pool import Cluster, Connector, PooledConnection, ServerPool
+    from proxy.upstream.pool import Cluster, Connector, ServerPool
 
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+# (Final: compiled code keeps the function in a C static, where an imported name costs a dict lookup per call.)
+find: Final[Callable[[bytes, bytes, int], int]] = _find
+header_block: Final[Callable[[list[tuple[bytes, bytes]]], bytes]] = _header_block
 
 
 def request_head(exchange: Exchange) -> bytes:
@@ -72,7 +77,7 @@ class _Unsolicited(Exception):
     """Bytes of another response followed a complete one in the same read."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(PooledConnection, asyncio.Protocol):
     """One keep-alive connection to one upstream server."""
 
     __slots__ = (
@@ -90,7 +95,6 @@ class UpstreamConnection(asyncio.Protocol):
         "head_buf",
         "head_done",
         "head_start",
-        "idle_since",
         "keep_alive",
         "keeps_alive",
         "max_head",

@@ -12,7 +12,7 @@ import orjson
 from devstack import Service
 from proxy.config import RouteConfig
 from proxy.errors import GatewayTimeout, ProxyError
-from proxy.exchange import PHASE_DONE, BodyKind, Exchange, WaitList
+from proxy.exchange import PHASE_DONE, BodyKind, Downstream, Exchange, WaitList
 from proxy.gateway import WAIT, Step
 from proxy.http1.framing import head_pairs
 from tests.integration.inprocess import Worker, request, run, until
@@ -233,13 +233,12 @@ def test_the_finished_hook_runs_once_per_exchange_whatever_the_outcome(backend_s
     run(scenario)
 
 
-class StreamDownstream:
+class StreamDownstream(Downstream):
     """A downstream object per exchange, as an HTTP/2 stream would be: it needs the response head as
     (name, value) pairs and sees every callback name its exchange."""
 
-    write_paused = False
-
     def __init__(self) -> None:
+        super().__init__()
         self.exchange: Exchange | None = None
         self.status = 0
         self.pairs: list[tuple[bytes, bytes]] = []

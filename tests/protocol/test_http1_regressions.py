@@ -21,7 +21,7 @@ from proxy.exchange import BODY_LENGTH, PHASE_WAIT_RESPONSE, Exchange
 from proxy.gateway import Gateway
 from proxy.http1.framing import ResponseHeadRewriter
 from proxy.http1.protocol import Http1Settings, HttpProtocol
-from proxy.server import WorkerState
+from proxy.server import Pipeline, WorkerState
 from proxy.upstream.client import UpstreamConnection, request_head
 from proxy.upstream.pool import Cluster, ServerPool
 
@@ -64,7 +64,7 @@ class CrossingTransport(MockTransport):
             self.protocol.pause_writing()
 
 
-class NotFoundGateway:
+class NotFoundGateway(Pipeline):
     """Answers every request at once, when it is dispatched (like a route miss)."""
 
     def handle(self, exchange: Exchange) -> None:

@@ -23,7 +23,7 @@ from proxy.exchange import (
     WaitList,
     timeout_error,
 )
-from proxy.server import WorkerState
+from proxy.server import Pipeline, WorkerState
 from tests.fakes import FakeConn, FakeDownstream, make_exchange, worker_state
 
 ADDRESS = FakeConn("x").address
@@ -206,7 +206,7 @@ def test_fail_after_the_end_is_a_no_op() -> None:
 def test_suspend_and_wake_through_a_wait_list() -> None:
     resumed: list[Exchange] = []
 
-    class Pipeline:
+    class Resuming(Pipeline):
         def handle(self, exchange: Exchange) -> None:
             raise AssertionError
 
@@ -217,7 +217,7 @@ def test_suspend_and_wake_through_a_wait_list() -> None:
             raise AssertionError
 
     worker = worker_state()
-    worker.gateway = Pipeline()
+    worker.gateway = Resuming()
     down = FakeDownstream()
     waits = WaitList()
     first, second, gone = (make_exchange(down, worker) for _ in range(3))

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.exchange import BODY_LENGTH, Exchange
+from proxy.exchange import BODY_LENGTH, Downstream, Exchange
 from proxy.forwarding import (
     ASCII_LOWER,
     FRAMING,
     HOP_BY_HOP,
     ForwardPolicy,
     HeadScan,
+    RequestIds,
     nominated,
     scan_headers,
     upstream_headers,
@@ -62,9 +63,9 @@ def stream_exchange(
         host=authority,
         client=client,
         scheme=scheme,
-        new_id=lambda: b"fresh",
+        ids=RequestIds(b"fresh-"),
     )
-    exchange = make_exchange(None)
+    exchange = make_exchange(Downstream())
     exchange.method, exchange.target, exchange.host = method, target, authority
     exchange.headers, exchange.request_id, exchange.forward_lines = headers, request_id, lines
     return exchange
@@ -105,6 +106,7 @@ def test_http1_and_a_stream_yield_the_same_upstream_request(tls: bool) -> None:
 def test_forward_lines_with_and_without_a_client_x_forwarded_for() -> None:
     policy = ForwardPolicy("x-request-id", "1.1 uvgate")
     scan = HeadScan(policy.kinds)
+    ids = RequestIds(b"w1-")
     for pairs, xff in (([], b"10.1.2.3"), ([(b"X-Forwarded-For", b"198.51.100.1")], b"198.51.100.1, 10.1.2.3")):
         scan_headers(pairs, scan)
         _, rid, lines = upstream_headers(
@@ -114,13 +116,14 @@ def test_forward_lines_with_and_without_a_client_x_forwarded_for() -> None:
             host=b"h",
             client=b"10.1.2.3",
             scheme=b"http",
-            new_id=lambda: b"new",
+            ids=ids,
         )
-        assert rid == b"new"
+        assert rid == b"w1-%d" % ids.count  # (none sent: a new one each time)
         assert lines == (
             b"x-forwarded-for: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: h\r\n"
-            b"via: 1.1 uvgate\r\nx-request-id: new\r\n" % xff
+            b"via: 1.1 uvgate\r\nx-request-id: %s\r\n" % (xff, rid)
         )
+    assert ids.count == 2
 
 
 def test_scan_sorts_and_trims_what_the_proxy_interprets() -> None:
