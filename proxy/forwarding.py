@@ -110,6 +110,7 @@ class HeadScan:
         "length",
         "maybe",
         "request_id",
+        "spelled",
         "te",
         "upgrade",
         "xff",
@@ -124,6 +125,12 @@ class HeadScan:
                 maybe[_slot(len(name), name[0])] = 1
         self.maybe = bytes(maybe)
         self.host_kind = kinds.get(b"host", KIND_FORWARD)
+        # The names of `kinds` as clients usually spell them (lower case, and capitalised as in
+        # `X-Request-Id`): looked up as they are, they need no lower-cased copy.
+        spelled = dict(kinds)
+        for name, kind in kinds.items():
+            spelled[b"-".join([part[:1].upper() + part[1:] for part in name.split(b"-")])] = kind
+        self.spelled = spelled
         self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
         self.host: bytes | None = None
         self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
@@ -156,7 +163,9 @@ class HeadScan:
         if size == 4 and (name == b"Host" or name == b"host"):
             kind = self.host_kind  # (every request has one: no lower-casing, hashing and lookup)
         else:
-            kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
+            kind = self.spelled.get(name, -1)
+            if kind < 0:
+                kind = self.kinds.get(name.translate(ASCII_LOWER), KIND_FORWARD)
         if kind == KIND_FORWARD:
             self.forward.append((name, value))
             return
@@ -223,6 +232,8 @@ def nominated(connection: bytes | None) -> frozenset[bytes]:
 
 def strip_nominated(headers: list[tuple[bytes, bytes]], connection: bytes | None) -> list[tuple[bytes, bytes]]:
     """`headers` without those the `Connection` value nominates."""
+    if connection == b"keep-alive" or connection == b"close" or connection == b"Keep-Alive":
+        return headers  # (the usual values, as sent: no lower-cased copy, no set)
     names = nominated(connection)
     if not names:
         return headers

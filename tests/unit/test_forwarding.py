@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,16 @@ from proxy.forwarding import (
     ASCII_LOWER,
     FRAMING,
     HOP_BY_HOP,
+    KIND_AUTHORIZATION,
+    KIND_CONNECTION,
+    KIND_EXPECT,
+    KIND_FORWARD,
+    KIND_HOST,
+    KIND_LENGTH,
+    KIND_REQUEST_ID,
+    KIND_TE,
+    KIND_UPGRADE,
+    KIND_XFF,
     ForwardPolicy,
     HeadScan,
     RequestIds,
@@ -197,3 +208,53 @@ def test_ascii_lower_lowers_as_bytes_lower_does() -> None:
     """The translation table the hot path lower-cases names and heads with is `bytes.lower`, byte for byte."""
     every = bytes(range(256))
     assert every.translate(ASCII_LOWER) == every.lower()
+
+
+def test_the_scan_classifies_every_spelling_as_its_lower_case_name() -> None:
+    # HeadScan.add takes shortcuts (the (length, first byte) table, Host, the usual spellings): whatever
+    # the spelling, a header must land where its lower-cased name's kind puts it.
+    policy = ForwardPolicy("x-request-id", "", frozenset({b"x-auth-subject"}))
+    kinds = policy.kinds
+    scan = HeadScan(kinds)
+    rng = random.Random(20261202)
+    specials = sorted(kinds)
+    # Names that share a length and first letter with special ones, and ordinary ones.
+    others = [b"hosx", b"connectiom", b"Content-Type", b"Accept", b"te-x", b"Trailers", b"x-request-ix", b"User-Agent"]
+    fields = {
+        KIND_HOST: "host",
+        KIND_LENGTH: "length",
+        KIND_TE: "te",
+        KIND_CONNECTION: "connection",
+        KIND_EXPECT: "expect",
+        KIND_XFF: "xff",
+        KIND_REQUEST_ID: "request_id",
+        KIND_AUTHORIZATION: "authorization",
+    }
+    for _ in range(3000):
+        chosen = rng.sample(specials, 3) + rng.sample(others, 2)
+        pairs = []
+        for name in chosen:
+            style = rng.randrange(4)
+            if style == 1:
+                name = b"-".join(part.capitalize() for part in name.split(b"-"))
+            elif style == 2:
+                name = name.upper()
+            elif style == 3:
+                name = bytes(c ^ 0x20 if 0x61 <= (c | 0x20) <= 0x7A and rng.random() < 0.5 else c for c in name)
+            pairs.append((name, b"v%d%s" % (rng.randrange(100), b" " * rng.randrange(2))))
+        rng.shuffle(pairs)
+        scan_headers(pairs, scan)
+        expected_forward = []
+        for name, value in pairs:
+            kind = kinds.get(name.lower(), KIND_FORWARD)
+            if kind in (KIND_FORWARD, KIND_AUTHORIZATION):
+                expected_forward.append((name, value))
+            if kind in fields:
+                assert getattr(scan, fields[kind]) == value.strip(b" \t"), (name, pairs)
+            if kind == KIND_UPGRADE:
+                assert scan.upgrade, pairs
+        assert scan.forward == expected_forward, pairs
+        present = {kinds.get(name.lower(), KIND_FORWARD) for name, _ in pairs}
+        for kind, field in fields.items():
+            if kind not in present:
+                assert getattr(scan, field) is None, (field, pairs)
