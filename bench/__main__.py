@@ -77,6 +77,7 @@ from bench.report import (
     format_mib,
     format_ratios,
     format_table,
+    noise_notes,
     paired_difference,
     ratios_by_scenario,
     saturation_notes,
@@ -552,10 +553,10 @@ def footer_lines(
     limit_text: Sequence[str] = (),
     switch_text: Sequence[str] = (),
 ) -> list[str]:
-    """What follows the table: ratios per scenario, saturation notes, the paired auth cost, the paired costs
+    """What follows the table: ratios per scenario, saturation and noise notes, the paired auth cost, the paired costs
     of metrics and the access log (`switch_report`), the rate-limit figures (`limit_report`), what was left
     out, the machine, and a warning when the load generator saw errors."""
-    lines = format_ratios(summaries, labels) + saturation_notes(summaries, labels)
+    lines = format_ratios(summaries, labels) + saturation_notes(summaries, labels) + noise_notes(summaries, labels)
     lines += [
         f"{n}: auth (jwt - proxy) CPU µs/req, paired by round: median {v:+.2f}"
         for n, v in paired.items()

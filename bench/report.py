@@ -26,6 +26,7 @@ __all__ = [
     "format_mib",
     "format_ratios",
     "format_table",
+    "noise_notes",
     "paired_difference",
     "ratios",
     "ratios_by_scenario",
@@ -41,6 +42,8 @@ CpuField = Literal["total", "user", "system"]
 
 
 SATURATED = 0.9
+# A spread of CPU µs/req over the rounds beyond this (half the range over the median) gets a note.
+NOISY = 0.1
 """Share of a core below which a proxy row gets a note: it waited for the load side part of the time."""
 
 
@@ -379,6 +382,23 @@ def _scenario_ratios(summaries: Sequence[ScenarioSummary], labels: Mapping[str, 
             f"RPS jwt / proxy {_ratio(r['jwt_over_proxy_rps'], 3)}"
         )
     return lines
+
+
+def noise_notes(
+    summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None, threshold: float = NOISY
+) -> list[str]:
+    """A note for each proxy row whose CPU µs/req varied by more than ±`threshold` over the rounds.
+
+    The same binary doing the same work costs the same per request; a wide spread means something else
+    changed between rounds (other work on the machine, a host under load), and the medians and the
+    ratios between rows are uncertain by about as much.
+    """
+    return [
+        f"note: {s.scenario} {_label(s.target, labels)} CPU µs/req varied ±{s.cpu_spread:.0%} over the rounds: "
+        "the machine was not quiet, so its median (and the ratios using it) are uncertain by as much: re-run"
+        for s in summaries
+        if s.cpu_spread is not None and s.cpu_spread > threshold
+    ]
 
 
 def saturation_notes(

@@ -30,6 +30,7 @@ from bench.report import (
     cpu_ratio,
     format_ratios,
     format_table,
+    noise_notes,
     ratios,
     rps_ratio,
     saturation_notes,
@@ -451,3 +452,18 @@ def test_saturation_notes() -> None:
         "so its CPU µs/req is not its cost at saturation",
     ]
     assert saturation_notes(summaries, threshold=0.4) == []
+
+
+def test_noise_notes() -> None:
+    def row(target: str, cpu_s: float, round_: int) -> RunRecord:
+        return RunRecord(target, round_, WrkResult(1000, 1.0, 1, 1, 1, 1, 1, 1, {}), CpuTimes(cpu_s, 0.0), 0.99)
+
+    # nginx steady (19, 20, 21 µs/req: ±5 %), the proxy 20 to 30 (median 24: ±21 %).
+    records = [row("nginx", c, i) for i, c in enumerate((0.019, 0.020, 0.021))]
+    records += [row("proxy", c, i) for i, c in enumerate((0.020, 0.024, 0.030))]
+    summaries = summarize(records)
+    assert noise_notes(summaries) == [
+        "note: plain proxy CPU µs/req varied ±21% over the rounds: the machine was not quiet, so its median "
+        "(and the ratios using it) are uncertain by as much: re-run"
+    ]
+    assert noise_notes(summaries, threshold=0.25) == []
