@@ -95,9 +95,31 @@ def _slot(size: int, first: int) -> int:
     return (size if size < 64 else 63) * 32 + (first & 31)
 
 
+class HeadKinds:
+    """The classification tables of `HeadScan`, made once per worker from `header_kinds`' table."""
+
+    __slots__ = ("host_kind", "kinds", "maybe", "spelled")
+
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        self.kinds = kinds
+        # A name whose (length, first letter) no name of `kinds` has is forwarded without a lookup.
+        maybe = bytearray(_SLOTS)
+        for name in kinds:
+            if name:
+                maybe[_slot(len(name), name[0])] = 1
+        self.maybe = bytes(maybe)
+        self.host_kind = kinds.get(b"host", KIND_FORWARD)
+        # The names of `kinds` as clients usually spell them (lower case, and capitalised as in
+        # `X-Request-Id`): looked up as they are, they need no lower-cased copy.
+        spelled = dict(kinds)
+        for name, kind in kinds.items():
+            spelled[b"-".join([part[:1].upper() + part[1:] for part in name.split(b"-")])] = kind
+        self.spelled = spelled
+
+
 class HeadScan:
     """The header pairs of one request, sorted as they come (`add`), reused from request to request.
-    `kinds` is the classification table (`header_kinds`)."""
+    `table` is the worker's classification (`ForwardPolicy.table`)."""
 
     __slots__ = (
         "authorization",
@@ -116,21 +138,12 @@ class HeadScan:
         "xff",
     )
 
-    def __init__(self, kinds: dict[bytes, int]) -> None:
-        self.kinds = kinds
-        # A name whose (length, first letter) no name of `kinds` has is forwarded without a lookup.
-        maybe = bytearray(_SLOTS)
-        for name in kinds:
-            if name:
-                maybe[_slot(len(name), name[0])] = 1
-        self.maybe = bytes(maybe)
-        self.host_kind = kinds.get(b"host", KIND_FORWARD)
-        # The names of `kinds` as clients usually spell them (lower case, and capitalised as in
-        # `X-Request-Id`): looked up as they are, they need no lower-cased copy.
-        spelled = dict(kinds)
-        for name, kind in kinds.items():
-            spelled[b"-".join([part[:1].upper() + part[1:] for part in name.split(b"-")])] = kind
-        self.spelled = spelled
+    def __init__(self, table: HeadKinds) -> None:
+        # The worker's tables, shared by every connection (references, not copies).
+        self.kinds = table.kinds
+        self.maybe = table.maybe
+        self.host_kind = table.host_kind
+        self.spelled = table.spelled
         self.forward: list[tuple[bytes, bytes]] = []  # end-to-end headers, forwarded as they are
         self.host: bytes | None = None
         self.length: bytes | None = None  # Content-Length (the parser rejected duplicates and lists)
@@ -301,11 +314,12 @@ class RequestIds:
 class ForwardPolicy:
     """The per-worker constants of what the proxy adds to forwarded requests (from the config, once)."""
 
-    __slots__ = ("kinds", "request_id_line", "tail", "via_line")
+    __slots__ = ("kinds", "request_id_line", "table", "tail", "via_line")
 
     def __init__(self, request_id_header: str, via: str, identity: frozenset[bytes] = frozenset()) -> None:
         name = request_id_header.lower().encode()
         self.kinds = header_kinds(name, identity)
+        self.table = HeadKinds(self.kinds)
         self.request_id_line = b"%s: " % name
         self.via_line = b"via: %s\r\n" % via.encode() if via else b""
         self.tail = b"\r\n" + self.via_line + self.request_id_line  # after the forwarded host

@@ -89,7 +89,6 @@ class Http1Settings:
         "drain_idle_grace",
         "header_timeout",
         "keepalive_timeout",
-        "kinds",
         "lingering_timeout",
         "max_body",
         "max_header_bytes",
@@ -123,7 +122,6 @@ class Http1Settings:
         self.pending_limit = max(s.write_buffer_limit, s.body_buffer_size)
         self.abort_on_half_close = s.half_close == "abort"
         self.policy = ForwardPolicy(s.request_id_header, s.via, state.config.auth.identity_headers())
-        self.kinds = self.policy.kinds
         self.request_id_line = b"\r\n%s: " % s.request_id_header.encode()
         self.via_line = b"\r\nvia: %s" % s.via.encode() if s.via else b""
 
@@ -203,7 +201,7 @@ class HttpProtocol(Downstream, asyncio.Protocol):
         self.scheme = b"http"
         self.valid_host = b""  # the last Host value that passed the syntax check
         self.origin = b""  # the first forwarding lines (forwarding.py), once per connection
-        self.scan = HeadScan(settings.kinds)
+        self.scan = HeadScan(settings.policy.table)
         self.out: list[bytes] = []
         self.active: Exchange | None = None  # the exchange being answered
         self.queue: deque[Exchange] = deque()  # parsed, waiting for their turn (the next one first)

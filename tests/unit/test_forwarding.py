@@ -64,7 +64,7 @@ def stream_exchange(
     """What an HTTP/2 stream does with the same request: its header list (pseudo-headers already taken
     apart) through the protocol-neutral functions."""
     policy = ForwardPolicy("x-request-id", "")
-    scan = HeadScan(policy.kinds)
+    scan = HeadScan(policy.table)
     scan_headers(pairs, scan)
     client = b"10.1.2.3"
     headers, request_id, lines = upstream_headers(
@@ -116,7 +116,7 @@ def test_http1_and_a_stream_yield_the_same_upstream_request(tls: bool) -> None:
 
 def test_forward_lines_with_and_without_a_client_x_forwarded_for() -> None:
     policy = ForwardPolicy("x-request-id", "1.1 uvgate")
-    scan = HeadScan(policy.kinds)
+    scan = HeadScan(policy.table)
     ids = RequestIds(b"w1-")
     for pairs, xff in (([], b"10.1.2.3"), ([(b"X-Forwarded-For", b"198.51.100.1")], b"198.51.100.1, 10.1.2.3")):
         scan_headers(pairs, scan)
@@ -139,7 +139,7 @@ def test_forward_lines_with_and_without_a_client_x_forwarded_for() -> None:
 
 def test_scan_sorts_and_trims_what_the_proxy_interprets() -> None:
     policy = ForwardPolicy("x-trace", "1.1 uvgate")
-    scan = HeadScan(policy.kinds)
+    scan = HeadScan(policy.table)
     pairs = [(b"Host", b"h  "), (b"transfer-encoding", b"chunked\t"), (b"X-Trace", b"t1"), (b"x-trace", b"t2")]
     scan_headers([*pairs, (b"Upgrade", b"h2c"), (b"Expect", b"100-continue")], scan)
     assert (scan.host, scan.te, scan.request_id, scan.upgrade, scan.expect) == (
@@ -215,7 +215,7 @@ def test_the_scan_classifies_every_spelling_as_its_lower_case_name() -> None:
     # the spelling, a header must land where its lower-cased name's kind puts it.
     policy = ForwardPolicy("x-request-id", "", frozenset({b"x-auth-subject"}))
     kinds = policy.kinds
-    scan = HeadScan(kinds)
+    scan = HeadScan(policy.table)
     rng = random.Random(20261202)
     specials = sorted(kinds)
     # Names that share a length and first letter with special ones, and ordinary ones.
@@ -258,3 +258,13 @@ def test_the_scan_classifies_every_spelling_as_its_lower_case_name() -> None:
         for kind, field in fields.items():
             if kind not in present:
                 assert getattr(scan, field) is None, (field, pairs)
+
+
+def test_connections_share_the_workers_classification_tables() -> None:
+    # Per-connection copies would cost kilobytes for each of thousands of idle keep-alive connections.
+    state = worker_state()
+    settings = Http1Settings(state)
+    one, two = HttpProtocol(state, settings), HttpProtocol(state, settings)
+    assert one.scan is not two.scan
+    assert one.scan.maybe is two.scan.maybe is settings.policy.table.maybe
+    assert one.scan.spelled is two.scan.spelled is settings.policy.table.spelled
