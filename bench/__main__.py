@@ -27,7 +27,7 @@ import signal
 import statistics
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -79,6 +79,7 @@ from bench.report import (
     format_table,
     noise_notes,
     paired_difference,
+    paired_ratio,
     ratios_by_scenario,
     saturation_notes,
     summarize,
@@ -552,11 +553,18 @@ def footer_lines(
     machine: str,
     limit_text: Sequence[str] = (),
     switch_text: Sequence[str] = (),
+    paired_nginx: Mapping[str, float | None] | None = None,
 ) -> list[str]:
-    """What follows the table: ratios per scenario, saturation and noise notes, the paired auth cost, the paired costs
+    """What follows the table: ratios per scenario, saturation and noise notes, uvgate ÷ nginx paired by
+    round (`paired_nginx`), the paired auth cost, the paired costs
     of metrics and the access log (`switch_report`), the rate-limit figures (`limit_report`), what was left
     out, the machine, and a warning when the load generator saw errors."""
     lines = format_ratios(summaries, labels) + saturation_notes(summaries, labels) + noise_notes(summaries, labels)
+    lines += [
+        f"{n}: uvgate CPU µs/req ÷ nginx CPU µs/req, paired by round: median {v:.2f}"
+        for n, v in (paired_nginx or {}).items()
+        if v is not None
+    ]
     lines += [
         f"{n}: auth (jwt - proxy) CPU µs/req, paired by round: median {v:+.2f}"
         for n, v in paired.items()
@@ -712,6 +720,12 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
     for name, value in paired.items():
         if name in ratio_values:
             ratio_values[name]["jwt_minus_proxy_cpu_per_req_paired"] = value
+    paired_nginx = {
+        s.name: paired_ratio([r for r in ctx.records if r.scenario == s.name], "proxy", "nginx") for s in plan.scenarios
+    }
+    for name, value in paired_nginx.items():
+        if name in ratio_values:
+            ratio_values[name]["uvgate_over_nginx_cpu_per_req_paired"] = value
     figures, limit_text = limit_report(ctx.records, ctx.redis_per_1000, ctx.reject)
     switch_figures, switch_text = switch_report(ctx.records)
     for name, values in [*figures.items(), *switch_figures.items()]:
@@ -720,7 +734,11 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
     print(format_table(summaries, labels))
     print()
     machine = f"{nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}; backend {backend_kind}"
-    print("\n".join(footer_lines(summaries, labels, paired, plan, backend_kind, machine, limit_text, switch_text)))
+    print(
+        "\n".join(
+            footer_lines(summaries, labels, paired, plan, backend_kind, machine, limit_text, switch_text, paired_nginx)
+        )
+    )
     print("\n".join(rss_lines(ctx.rss, labels)))
 
     document = {

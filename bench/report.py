@@ -28,6 +28,7 @@ __all__ = [
     "format_table",
     "noise_notes",
     "paired_difference",
+    "paired_ratio",
     "ratios",
     "ratios_by_scenario",
     "rps_ratio",
@@ -281,16 +282,28 @@ def cpu_difference(
     return None if a is None or b is None else a - b
 
 
+def _round_pairs(records: Sequence[RunRecord], first: str, second: str) -> list[tuple[float, float]]:
+    """(`first`, `second`) proxy CPU µs/req of each round and scenario that measured both."""
+    by_round: dict[tuple[str, int], dict[str, float]] = {}
+    for record in records:
+        value = record.proxy_cpu_us_per_req
+        if value is not None and record.target in (first, second):
+            by_round.setdefault((record.scenario, record.index), {})[record.target] = value
+    return [(r[first], r[second]) for r in by_round.values() if first in r and second in r]
+
+
 def paired_difference(records: Sequence[RunRecord], minuend: str, subtrahend: str) -> float | None:
     """Median over rounds of (`minuend` - `subtrahend`) proxy CPU µs/req, each pair from the same round
     (adjacent runs, ABBA) and scenario: less sensitive to a drift of the machine's load than a difference of
     medians."""
-    by_round: dict[tuple[str, int], dict[str, float]] = {}
-    for record in records:
-        value = record.proxy_cpu_us_per_req
-        if value is not None and record.target in (minuend, subtrahend):
-            by_round.setdefault((record.scenario, record.index), {})[record.target] = value
-    pairs = [r[minuend] - r[subtrahend] for r in by_round.values() if minuend in r and subtrahend in r]
+    pairs = [a - b for a, b in _round_pairs(records, minuend, subtrahend)]
+    return statistics.median(pairs) if pairs else None
+
+
+def paired_ratio(records: Sequence[RunRecord], numerator: str, denominator: str) -> float | None:
+    """Median over rounds of `numerator` ÷ `denominator` proxy CPU µs/req, paired like `paired_difference`:
+    a second view of the ratio of medians, steadier when the machine's load comes in waves."""
+    pairs = [a / b for a, b in _round_pairs(records, numerator, denominator) if b > 0]
     return statistics.median(pairs) if pairs else None
 
 

@@ -32,6 +32,7 @@ from bench.report import (
     ScenarioSummary,
     format_ratios,
     paired_difference,
+    paired_ratio,
     ratios_by_scenario,
     saturation_notes,
     spread,
@@ -320,6 +321,16 @@ def test_paired_difference_pairs_within_a_scenario() -> None:
     assert paired_difference(records, "jwt", "proxy") == pytest.approx(2.0)
 
 
+def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
+    # Rounds' ratios 1.1, 1.2 and 1.8: median 1.2, where the ratio of the medians is 36 / 20 = 1.8. A round
+    # with one side missing (proxy, round 3) does not count.
+    cpu = {("nginx", 0): 0.010, ("proxy", 0): 0.011, ("nginx", 1): 0.030, ("proxy", 1): 0.036}
+    cpu |= {("nginx", 2): 0.020, ("proxy", 2): 0.036, ("proxy", 3): 0.050}
+    records = [RunRecord(t, i, _result(1000), CpuTimes(c, 0.0), 0.0) for (t, i), c in cpu.items()]
+    assert paired_ratio(records, "proxy", "nginx") == pytest.approx(1.2)
+    assert paired_ratio(records, "proxy", "haproxy") is None
+
+
 # ---------------------------------------------------------------------------------------------- Locust
 
 LOCUST_STATS = """\
@@ -450,6 +461,8 @@ def test_footer_lines() -> None:
     )
     assert lines[:2] == format_ratios(summaries)
     assert "jwt: auth (jwt - proxy) CPU µs/req, paired by round: median +1.50" in lines
+    with_pairs = bench_main.footer_lines(summaries, {}, {}, _plan("plain"), "nginx", "x", paired_nginx={"plain": 1.234})
+    assert "plain: uvgate CPU µs/req ÷ nginx CPU µs/req, paired by round: median 1.23" in with_pairs
     assert "note: caddy not found" in lines
     assert any(line.startswith("note: body with backend_stub") for line in lines)
     assert lines[-1] == "machine: 2 CPUs"
