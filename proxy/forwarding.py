@@ -229,24 +229,28 @@ def connection_tokens(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
+_NOTHING: Final[frozenset[bytes]] = frozenset()
+
+
 def nominated(connection: bytes | None) -> frozenset[bytes]:
     """Headers a `Connection` value makes hop-by-hop, to remove before forwarding.
 
     `close` and `keep-alive` are options, not header names; framing headers are never removed this way.
     """
     if connection is None:
-        return frozenset()
+        return _NOTHING
+    # The usual values: as sent (no lower-cased copy), then in any case.
+    if connection == b"keep-alive" or connection == b"close" or connection == b"Keep-Alive":
+        return _NOTHING
     if len(connection) <= 10:
         option = connection.translate(ASCII_LOWER)
-        if option == b"keep-alive" or option == b"close":  # the usual value: nothing nominated
-            return frozenset()
+        if option == b"keep-alive" or option == b"close":
+            return _NOTHING
     return frozenset(connection_tokens(connection) - _OPTIONS)
 
 
 def strip_nominated(headers: list[tuple[bytes, bytes]], connection: bytes | None) -> list[tuple[bytes, bytes]]:
     """`headers` without those the `Connection` value nominates."""
-    if connection == b"keep-alive" or connection == b"close" or connection == b"Keep-Alive":
-        return headers  # (the usual values, as sent: no lower-cased copy, no set)
     names = nominated(connection)
     if not names:
         return headers
