@@ -1,4 +1,11 @@
-"""User and system CPU time of a process tree, from /proc/<pid>/stat (Linux)."""
+"""User and system CPU time of a process tree, from /proc/<pid>/stat, and the machine's steal time, from
+/proc/stat (Linux).
+
+Steal time is the time a virtual CPU was ready to run but the hypervisor ran something else. A
+benchmark on a VM whose host is busy sees it rise; the per-request CPU of everything measured
+meanwhile rises with it (caches and TLBs shared with other guests, slower wake-ups), so the kit
+records it with every run.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from dataclasses import dataclass
 
 from devstack.procfs import process_tree, read_stat
 
-__all__ = ["CpuTimes", "tree_cpu_times"]
+__all__ = ["CpuTimes", "MachineTicks", "machine_ticks", "parse_machine_ticks", "tree_cpu_times"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -41,3 +48,41 @@ def tree_cpu_times(pid: int) -> CpuTimes:
             user += st.utime + st.cutime
             system += st.stime + st.cstime
     return CpuTimes(user / _CLK_TCK, system / _CLK_TCK)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineTicks:
+    """The `cpu` line of /proc/stat: all ticks of all CPUs and the stolen ones among them."""
+
+    total: int
+    steal: int
+
+    def steal_share(self, earlier: MachineTicks) -> float | None:
+        """Stolen share of the CPU time since `earlier` (0.05 = 5 %); None when no tick went by."""
+        total = self.total - earlier.total
+        return None if total <= 0 else (self.steal - earlier.steal) / total
+
+
+def parse_machine_ticks(text: str) -> MachineTicks | None:
+    """The `cpu` line of a /proc/stat text; None when it is missing or too short to hold steal time.
+
+    Its fields are user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+    already counted in user time, so the total is the sum of the first eight.
+    """
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            if len(fields) < 9:
+                return None
+            ticks = [int(f) for f in fields[1:9]]
+            return MachineTicks(sum(ticks), ticks[7])
+    return None
+
+
+def machine_ticks() -> MachineTicks | None:
+    """This machine's ticks now; None where /proc/stat cannot be read or has no steal field."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return parse_machine_ticks(f.read())
+    except OSError:
+        return None

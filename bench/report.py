@@ -34,6 +34,7 @@ __all__ = [
     "rps_ratio",
     "saturation_notes",
     "spread",
+    "steal_notes",
     "summarize",
     "value_range",
 ]
@@ -71,6 +72,10 @@ class RunRecord:
     proxy_cpu: CpuTimes | None
     backend_cpu_s: float
     scenario: str = "plain"
+    steal_share: float | None = None
+    """Share of the machine's CPU time the hypervisor stole during the run (None off Linux)."""
+    attempts: int = 1
+    """How many times the run was measured (more than once when steal was over `--max-steal`)."""
 
     @property
     def proxy_cpu_s(self) -> float | None:
@@ -124,6 +129,8 @@ class RunRecord:
             "backend_cpu_us_per_req": self.backend_cpu_us_per_req,
             "proxy_core_share": self.proxy_core_share,
             "backend_core_share": self.backend_core_share,
+            "steal_share": self.steal_share,
+            "attempts": self.attempts,
         }
 
 
@@ -151,6 +158,8 @@ class ScenarioSummary:
     cpu_spread: float | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """(min, max) over the rounds of `rps`, `p99_us` and `proxy_cpu_us_per_req` (the chart's whiskers)."""
+    steal_share: float | None = None
+    """Median share of the machine's CPU time stolen by the hypervisor during the runs."""
 
     def cpu(self, field: CpuField) -> float | None:
         """Median proxy CPU µs/request: total, user or system."""
@@ -181,6 +190,7 @@ class ScenarioSummary:
             "backend_cpu_us_per_req_median": self.backend_cpu_us_per_req,
             "proxy_core_share_median": self.proxy_core_share,
             "backend_core_share_median": self.backend_core_share,
+            "steal_share_median": self.steal_share,
         }
 
 
@@ -236,6 +246,7 @@ def summarize(records: Sequence[RunRecord]) -> list[ScenarioSummary]:
                 p99_spread=spread(series["p99_us"]),
                 cpu_spread=spread(series["proxy_cpu_us_per_req"]),
                 ranges=ranges,
+                steal_share=_median([r.steal_share for r in runs]),
             )
         )
     return out
@@ -414,6 +425,31 @@ def noise_notes(
     ]
 
 
+def steal_notes(records: Sequence[RunRecord], threshold: float, retries: int) -> list[str]:
+    """Notes on steal time: how many runs were measured again because the hypervisor stole more than
+    `threshold` of the CPU time during them, and which kept more than that after `retries` extra attempts.
+
+    Stolen time is not charged to the processes measured, but it comes in bursts when the host is busy
+    and the per-request CPU measured meanwhile rises with it (other guests' work evicts caches and
+    slows wake-ups), on the order of a quarter at 30 % steal on the machines this kit was built on.
+    """
+    lines = []
+    again = [r for r in records if r.attempts > 1]
+    if again:
+        lines.append(
+            f"note: {len(again)} of {len(records)} runs were measured again (up to {retries} more times) because "
+            f"the hypervisor stole more than {threshold:.0%} of the CPU time during them (steal in /proc/stat); "
+            "each keeps its least-stolen attempt"
+        )
+    over = [r.steal_share for r in records if r.steal_share is not None and r.steal_share > threshold]
+    if over:
+        lines.append(
+            f"note: {len(over)} runs kept more than {threshold:.0%} steal (up to {max(over):.0%}): the host was "
+            "busy, and their CPU µs/req is inflated: re-run when it is quieter"
+        )
+    return lines
+
+
 def saturation_notes(
     summaries: Sequence[ScenarioSummary], labels: Mapping[str, str] | None = None, threshold: float = SATURATED
 ) -> list[str]:
@@ -458,6 +494,7 @@ TABLE_HEADER = (
     "proxy core %",
     "backend CPU µs/req",
     "backend core %",
+    "steal %",
 )
 
 
@@ -497,6 +534,7 @@ def format_table(summaries: Sequence[ScenarioSummary], labels: Mapping[str, str]
             _percent(s.proxy_core_share),
             _num(s.backend_cpu_us_per_req, ".1f"),
             _percent(s.backend_core_share),
+            _num(None if s.steal_share is None else s.steal_share * 100, ".1f"),
         )
         for s in summaries
     ]

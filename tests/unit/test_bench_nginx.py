@@ -366,14 +366,15 @@ def test_format_table_with_nginx_and_cpu_split() -> None:
         "proxy core %",
         "backend CPU µs/req",
         "backend core %",
+        "steal %",
     ]
     assert set(lines[1]) == {"-", " "}
     assert [line.split()[:2] for line in lines[2:]] == [["plain", "direct"], ["plain", "nginx"], ["plain", "proxy"]]
-    assert lines[2].split()[10:] == ["-", "-", "-", "-", "-", "20.0", "2"]
+    assert lines[2].split()[10:] == ["-", "-", "-", "-", "-", "20.0", "2", "-"]
     # nginx: RPS 800/900/1000 (±11 %), p99 200 each, CPU 40/40/40 µs/req
     assert lines[3].split()[2:] == [
         *("3", "900", "11%", "100", "200", "0%", "0", "0"),
-        *("40.0", "0%", "10.0", "30.0", "4", "25.0", "2"),
+        *("40.0", "0%", "10.0", "30.0", "4", "25.0", "2", "-"),
     ]
     assert lines[4].split()[10:15] == ["100.0", "10%", "70.0", "30.0", "6"]
     assert len({len(line) for line in lines}) == 1, "columns are aligned"

@@ -120,8 +120,8 @@ def test_summarize_medians_and_ratio() -> None:
     table = format_table([direct, proxy]).splitlines()
     assert table[0].split()[:4] == ["scenario", "target", "runs", "RPS"]
     assert table[2].split()[:4] == ["plain", "direct", "3", "1,100"]
-    assert table[2].split()[10:] == ["-", "-", "-", "-", "-", "10.0", "1"]
-    assert table[3].split()[8:] == ["3", "0", "50.0", "0%", "37.5", "12.5", "2", "10.0", "0"]
+    assert table[2].split()[10:] == ["-", "-", "-", "-", "-", "10.0", "1", "-"]
+    assert table[3].split()[8:] == ["3", "0", "50.0", "0%", "37.5", "12.5", "2", "10.0", "0", "-"]
     assert len({len(line) for line in table}) == 1, "columns are aligned"
 
 
