@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         metavar="PERCENT",
-        help="measure a run again when the hypervisor stole more than this share of the CPU time during it "
+        help="measure a run again when the hypervisor stole more than this share of the busy CPU time during it "
         "(steal in /proc/stat; default 5; 100 never)",
     )
     parser.add_argument(
@@ -471,31 +471,35 @@ def _measure_quietly(
     ctx: Context, scenario: Scenario, name: str, index: int, target: Target
 ) -> tuple[RunRecord, float | None]:
     """`_measure`, again (up to `--steal-retries` times) while the hypervisor stole more than `--max-steal`
-    of the machine's CPU time; the attempt with the least steal is kept, with the number of attempts.
+    of the busy CPU time; the attempt with the least steal is kept (the earliest of equals), with the
+    others in its `discarded`.
 
     Returns it and, in the `limits` target, its Redis commands per 1,000 requests.
     """
     limit = ctx.args.max_steal / 100
     store = ctx.stack.redis if name == LIMITS else None
-    kept: tuple[RunRecord, float | None] | None = None
-    for attempt in range(1, ctx.args.steal_retries + 2):
+    attempts: list[tuple[RunRecord, float | None]] = []
+    best = 0
+    for attempt in range(ctx.args.steal_retries + 1):
         before = redis_commands(store.host, store.port) if store is not None else 0
         record = _measure(ctx, scenario, name, index, target)
         per_1000 = None
         if store is not None:
             per_1000 = commands_per_1000(before, redis_commands(store.host, store.port), record.result.requests)
-        steal = record.steal_share
-        if kept is None or (steal is not None and kept[0].steal_share is not None and steal < kept[0].steal_share):
-            kept = (record, per_1000)
-        if steal is None or steal <= limit or attempt > ctx.args.steal_retries:
+        attempts.append((record, per_1000))
+        steal, least = record.steal_share, attempts[best][0].steal_share
+        if steal is not None and least is not None and steal < least:
+            best = attempt
+        if steal is None or steal <= limit or attempt == ctx.args.steal_retries:
             break
         print(
-            f"  ({scenario.name} {name}: the hypervisor stole {steal:.1%} of the CPU time, more than "
-            f"{limit:.0%}: measuring again)",
+            f"  ({scenario.name} {name}: the hypervisor stole {steal:.1%} of the busy CPU time, more than "
+            f"{ctx.args.max_steal:g} %: measuring again)",
             flush=True,
         )
-    assert kept is not None
-    return dataclasses.replace(kept[0], attempts=attempt), kept[1]
+    kept, per_1000 = attempts[best]
+    others = tuple(r for n, (r, _) in enumerate(attempts) if n != best)
+    return dataclasses.replace(kept, kept_attempt=best + 1, discarded=others), per_1000
 
 
 def _targets_of(ctx: Context, scenario: Scenario, servers: dict[str, Service]) -> dict[str, Target]:
@@ -567,7 +571,6 @@ def run_scenario(ctx: Context, scenario: Scenario, names: Sequence[str], labels:
                 ctx.records.append(record)
                 if per_1000 is not None:
                     ctx.redis_per_1000.append(per_1000)
-                store = ctx.stack.redis if name == LIMITS else None
                 result, cpu = record.result, record.proxy_cpu_us_per_req
                 print(
                     f"  [{ctx.step}/{ctx.steps}] {scenario.name} round {index + 1}/{ctx.args.runs} "
@@ -577,11 +580,7 @@ def run_scenario(ctx: Context, scenario: Scenario, names: Sequence[str], labels:
                     + (f"  CPU {cpu:,.1f} µs/req" if cpu is not None else "")
                     + (f"  steal {record.steal_share:.1%}" if record.steal_share is not None else "")
                     + (f" (measured {record.attempts} times)" if record.attempts > 1 else "")
-                    + (
-                        f"  Redis {ctx.redis_per_1000[-1]:.1f} cmd/1k req"
-                        if store is not None and ctx.redis_per_1000
-                        else ""
-                    ),
+                    + (f"  Redis {per_1000:.1f} cmd/1k req" if per_1000 is not None else ""),
                     flush=True,
                 )
         for name in rss:
@@ -753,8 +752,13 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
         print(f"machine      {nproc} CPUs, {cpu_model()}; {pinning_text(pin, nproc)}", flush=True)
         print(
             f"plan         {len(plan.scenarios)} scenario(s) x targets x {args.runs} rounds = {ctx.steps} runs "
-            f"of {args.duration} (+{args.warmup} warm-up) with {args.tool}: about {seconds / 60:.0f} min "
-            f"(more if the hypervisor steals over {args.max_steal:g} % of the CPU time: such runs are measured again)",
+            f"of {args.duration} (+{args.warmup} warm-up) with {args.tool}: about {seconds / 60:.0f} min"
+            + (
+                f" (more if the hypervisor steals over {args.max_steal:g} % of the busy CPU time: such runs are "
+                "measured again)"
+                if args.steal_retries and args.max_steal < 100
+                else ""
+            ),
             flush=True,
         )
         for scenario in plan.scenarios:
@@ -799,7 +803,7 @@ def run(args: argparse.Namespace, plan: Plan, tool: str, backend_kind: str) -> i
                 limit_text,
                 switch_text,
                 paired_nginx,
-                steal_notes(ctx.records, args.max_steal / 100, args.steal_retries),
+                steal_notes(ctx.records, args.max_steal / 100, args.steal_retries, labels),
             )
         )
     )

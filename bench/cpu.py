@@ -1,10 +1,11 @@
 """User and system CPU time of a process tree, from /proc/<pid>/stat, and the machine's steal time, from
 /proc/stat (Linux).
 
-Steal time is the time a virtual CPU was ready to run but the hypervisor ran something else. A
-benchmark on a VM whose host is busy sees it rise; the per-request CPU of everything measured
-meanwhile rises with it (caches and TLBs shared with other guests, slower wake-ups), so the kit
-records it with every run.
+Steal time is the time a virtual CPU wanted to run but the hypervisor ran something else. On a VM
+whose host is busy it comes in bursts, and the per-request CPU of everything measured meanwhile was
+observed to rise with it (see bench/README.md), so the kit records it with every run. A virtual CPU
+that idles cannot be robbed, so the share is taken of the busy time, not of all ticks: otherwise a
+target that leaves a CPU idle would look less disturbed than one that keeps it busy.
 """
 
 from __future__ import annotations
@@ -52,22 +53,23 @@ def tree_cpu_times(pid: int) -> CpuTimes:
 
 @dataclass(frozen=True, slots=True)
 class MachineTicks:
-    """The `cpu` line of /proc/stat: all ticks of all CPUs and the stolen ones among them."""
+    """The `cpu` line of /proc/stat (all CPUs): the busy ticks (neither idle nor waiting for I/O, stolen
+    ones included) and the stolen ones among them."""
 
-    total: int
+    busy: int
     steal: int
 
     def steal_share(self, earlier: MachineTicks) -> float | None:
-        """Stolen share of the CPU time since `earlier` (0.05 = 5 %); None when no tick went by."""
-        total = self.total - earlier.total
-        return None if total <= 0 else (self.steal - earlier.steal) / total
+        """Stolen share of the busy time since `earlier` (0.05 = 5 %); None when no busy tick went by."""
+        busy = self.busy - earlier.busy
+        return None if busy <= 0 else (self.steal - earlier.steal) / busy
 
 
 def parse_machine_ticks(text: str) -> MachineTicks | None:
     """The `cpu` line of a /proc/stat text; None when it is missing or too short to hold steal time.
 
     Its fields are user nice system idle iowait irq softirq steal guest guest_nice; guest time is
-    already counted in user time, so the total is the sum of the first eight.
+    already counted in user (and nice) time, so the busy ticks are the first eight less idle and iowait.
     """
     for line in text.splitlines():
         fields = line.split()
@@ -75,7 +77,7 @@ def parse_machine_ticks(text: str) -> MachineTicks | None:
             if len(fields) < 9:
                 return None
             ticks = [int(f) for f in fields[1:9]]
-            return MachineTicks(sum(ticks), ticks[7])
+            return MachineTicks(sum(ticks) - ticks[3] - ticks[4], ticks[7])
     return None
 
 

@@ -16,6 +16,7 @@ from bench.wrk_runner import WrkResult
 
 __all__ = [
     "SATURATED",
+    "STEAL_WARN",
     "TABLE_HEADER",
     "CpuField",
     "RunRecord",
@@ -44,9 +45,11 @@ CpuField = Literal["total", "user", "system"]
 
 
 SATURATED = 0.9
-# A spread of CPU µs/req over the rounds beyond this (half the range over the median) gets a note.
-NOISY = 0.1
 """Share of a core below which a proxy row gets a note: it waited for the load side part of the time."""
+NOISY = 0.1
+"""Spread of CPU µs/req over the rounds (half the range over the median) beyond which a row gets a note."""
+STEAL_WARN = 0.05
+"""Steal (share of the busy CPU time) over which a kept run is named in a note, whatever --max-steal is."""
 
 
 def _per_req(seconds: float | None, requests: int) -> float | None:
@@ -73,9 +76,16 @@ class RunRecord:
     backend_cpu_s: float
     scenario: str = "plain"
     steal_share: float | None = None
-    """Share of the machine's CPU time the hypervisor stole during the run (None off Linux)."""
-    attempts: int = 1
-    """How many times the run was measured (more than once when steal was over `--max-steal`)."""
+    """Share of the machine's busy CPU time the hypervisor stole during the run (None off Linux)."""
+    kept_attempt: int = 1
+    """Which attempt this is (1 = the first) when the run was measured more than once."""
+    discarded: tuple[RunRecord, ...] = ()
+    """The other attempts, in order, when steal over `--max-steal` had the run measured again."""
+
+    @property
+    def attempts(self) -> int:
+        """How many times the run was measured."""
+        return 1 + len(self.discarded)
 
     @property
     def proxy_cpu_s(self) -> float | None:
@@ -131,6 +141,11 @@ class RunRecord:
             "backend_core_share": self.backend_core_share,
             "steal_share": self.steal_share,
             "attempts": self.attempts,
+            "kept_attempt": self.kept_attempt,
+            "discarded": [
+                {"steal_share": r.steal_share, "proxy_cpu_us_per_req": r.proxy_cpu_us_per_req, "rps": r.result.rps}
+                for r in self.discarded
+            ],
         }
 
 
@@ -159,7 +174,7 @@ class ScenarioSummary:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """(min, max) over the rounds of `rps`, `p99_us` and `proxy_cpu_us_per_req` (the chart's whiskers)."""
     steal_share: float | None = None
-    """Median share of the machine's CPU time stolen by the hypervisor during the runs."""
+    """Median share of the machine's busy CPU time stolen by the hypervisor during the kept attempts."""
 
     def cpu(self, field: CpuField) -> float | None:
         """Median proxy CPU µs/request: total, user or system."""
@@ -425,29 +440,37 @@ def noise_notes(
     ]
 
 
-def steal_notes(records: Sequence[RunRecord], threshold: float, retries: int) -> list[str]:
+def steal_notes(
+    records: Sequence[RunRecord], limit: float, retries: int, labels: Mapping[str, str] | None = None
+) -> list[str]:
     """Notes on steal time: how many runs were measured again because the hypervisor stole more than
-    `threshold` of the CPU time during them, and which kept more than that after `retries` extra attempts.
-
-    Stolen time is not charged to the processes measured, but it comes in bursts when the host is busy
-    and the per-request CPU measured meanwhile rises with it (other guests' work evicts caches and
-    slows wake-ups), on the order of a quarter at 30 % steal on the machines this kit was built on.
+    `limit` of the busy CPU time during them (`retries` extra attempts at most), and which runs kept more
+    than `limit` or STEAL_WARN, whichever is lower (so turning the retries off keeps the warning).
     """
     lines = []
     again = [r for r in records if r.attempts > 1]
     if again:
         lines.append(
             f"note: {len(again)} of {len(records)} runs were measured again (up to {retries} more times) because "
-            f"the hypervisor stole more than {threshold:.0%} of the CPU time during them (steal in /proc/stat); "
-            "each keeps its least-stolen attempt"
+            f"the hypervisor stole more than {_share_text(limit)} of the busy CPU time during them (steal in "
+            "/proc/stat); each keeps its least-stolen attempt"
         )
-    over = [r.steal_share for r in records if r.steal_share is not None and r.steal_share > threshold]
+    warn = min(limit, STEAL_WARN)
+    over = [r for r in records if r.steal_share is not None and r.steal_share > warn]
     if over:
+        runs = ", ".join(
+            f"{r.scenario} {_label(r.target, labels)} round {r.index + 1} ({_share_text(r.steal_share or 0.0)})"
+            for r in over
+        )
         lines.append(
-            f"note: {len(over)} runs kept more than {threshold:.0%} steal (up to {max(over):.0%}): the host was "
-            "busy, and their CPU µs/req is inflated: re-run when it is quieter"
+            f"note: steal over {_share_text(warn)} in the kept run of {runs}: the host was busy, and CPU µs/req "
+            "measured under steal reads high: re-run when it is quieter"
         )
     return lines
+
+
+def _share_text(share: float) -> str:
+    return f"{share * 100:.2g}%"
 
 
 def saturation_notes(
