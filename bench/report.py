@@ -470,7 +470,7 @@ def steal_notes(
 
 
 def _share_text(share: float) -> str:
-    return f"{share * 100:.2g}%"
+    return f"{round(share * 100, 1):g}%"  # 5%, 2.5%, 21.4%: as given, to a tenth
 
 
 def saturation_notes(

@@ -318,12 +318,11 @@ class RequestIds:
 class ForwardPolicy:
     """The per-worker constants of what the proxy adds to forwarded requests (from the config, once)."""
 
-    __slots__ = ("kinds", "request_id_line", "table", "tail", "via_line")
+    __slots__ = ("request_id_line", "table", "tail", "via_line")
 
     def __init__(self, request_id_header: str, via: str, identity: frozenset[bytes] = frozenset()) -> None:
         name = request_id_header.lower().encode()
-        self.kinds = header_kinds(name, identity)
-        self.table = HeadKinds(self.kinds)
+        self.table = HeadKinds(header_kinds(name, identity))
         self.request_id_line = b"%s: " % name
         self.via_line = b"via: %s\r\n" % via.encode() if via else b""
         self.tail = b"\r\n" + self.via_line + self.request_id_line  # after the forwarded host

@@ -153,6 +153,13 @@ def test_steal_notes() -> None:
         "measured under steal reads high: re-run when it is quieter"
     ], "--max-steal 100 turns the retries off, not the warning"
     assert steal_notes([_record(0.03)], 0.025, 2)[0].startswith("note: steal over 2.5% in the kept run of plain")
+    assert steal_notes([_record(0.2137)], 0.125, 2)[0].startswith(
+        "note: steal over 5% in the kept run of plain proxy round 1 (21.4%)"
+    ), "run figures to a tenth of a percent"
+    assert (
+        "more than 12.5% of the busy CPU time"
+        in steal_notes([dataclasses.replace(_record(0.03), discarded=(_record(0.2),))], 0.125, 2)[0]
+    )
 
 
 def test_the_table_shows_the_median_steal() -> None:

@@ -214,7 +214,7 @@ def test_the_scan_classifies_every_spelling_as_its_lower_case_name() -> None:
     # HeadScan.add takes shortcuts (the (length, first byte) table, Host, the usual spellings): whatever
     # the spelling, a header must land where its lower-cased name's kind puts it.
     policy = ForwardPolicy("x-request-id", "", frozenset({b"x-auth-subject"}))
-    kinds = policy.kinds
+    kinds = policy.table.kinds
     scan = HeadScan(policy.table)
     rng = random.Random(20261202)
     specials = sorted(kinds)
